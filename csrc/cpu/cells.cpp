@@ -1,0 +1,188 @@
+// Fused pointwise parts of the RNN/LSTM/GRU cells on the CPU: bias, activations, state update,
+// and their backward, vectorized with at::vec and split over the two cores with at::parallel_for.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cpu/vec_io.h"
+#include "pyseqk/cell_kernels.h"
+
+namespace pyseqk {
+namespace cpu {
+namespace {
+
+template <class F>
+void dispatch(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat64: return f(double{});
+    case DType::kFloat16: return f(c10::Half{});
+    case DType::kBFloat16: return f(c10::BFloat16{});
+  }
+}
+
+template <class T>
+void lstm_fwd(T* ws, const T* b_ih, const T* b_hh, const T* cx, T* hy, T* cy, int64_t B,
+              int64_t H) {
+  using V = OpVec<T>;
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    T* g = ws + b * 4 * H;
+    V pre[4];
+    for (int k = 0; k < 4; ++k) pre[k] = vload(g + k * H + j, n) + vbias(b_ih, b_hh, k * H + j, n);
+    const auto a = math::lstm_activate(pre[0], pre[1], pre[2], pre[3]);
+    V c, h;
+    math::lstm_state(a, vload(cx + b * H + j, n), c, h);
+    vstore(g + j, a.i, n);
+    vstore(g + H + j, a.f, n);
+    vstore(g + 2 * H + j, a.g, n);
+    vstore(g + 3 * H + j, a.o, n);
+    vstore(cy + b * H + j, c, n);
+    vstore(hy + b * H + j, h, n);
+  });
+}
+
+template <class T>
+void lstm_bwd(const T* ws, const T* cx, const T* cy, const T* dhy, const T* dcy, T* dgates, T* dcx,
+              int64_t B, int64_t H) {
+  using V = OpVec<T>;
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    const T* g = ws + b * 4 * H;
+    math::LstmGates<V> a{vload(g + j, n), vload(g + H + j, n), vload(g + 2 * H + j, n),
+                         vload(g + 3 * H + j, n)};
+    const int64_t o = b * H + j;
+    const V dh = dhy ? vload(dhy + o, n) : V(0);
+    const V dc = dcy ? vload(dcy + o, n) : V(0);
+    math::LstmGates<V> d;
+    V dc_prev;
+    math::lstm_backward(a, vload(cx + o, n), vload(cy + o, n), dh, dc, d, dc_prev);
+    T* dg = dgates + b * 4 * H;
+    vstore(dg + j, d.i, n);
+    vstore(dg + H + j, d.f, n);
+    vstore(dg + 2 * H + j, d.g, n);
+    vstore(dg + 3 * H + j, d.o, n);
+    vstore(dcx + o, dc_prev, n);
+  });
+}
+
+template <class T>
+void gru_fwd(T* ws, const T* b_ih, const T* b_hh, const T* hx, T* hy, int64_t B, int64_t H) {
+  using V = OpVec<T>;
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    T* g = ws + b * 6 * H;
+    auto bias = [&](const T* p, int64_t k) { return p ? vload(p + k, n) : V(0); };
+    const V ir = vload(g + j, n) + bias(b_ih, j);
+    const V iz = vload(g + H + j, n) + bias(b_ih, H + j);
+    const V in = vload(g + 2 * H + j, n) + bias(b_ih, 2 * H + j);
+    const V hr = vload(g + 3 * H + j, n) + bias(b_hh, j);
+    const V hz = vload(g + 4 * H + j, n) + bias(b_hh, H + j);
+    const V hn = vload(g + 5 * H + j, n) + bias(b_hh, 2 * H + j);
+    const auto a = math::gru_activate(ir, iz, in, hr, hz, hn);
+    vstore(hy + b * H + j, math::gru_state(a, vload(hx + b * H + j, n)), n);
+    vstore(g + j, a.r, n);
+    vstore(g + H + j, a.z, n);
+    vstore(g + 2 * H + j, a.n, n);
+    vstore(g + 3 * H + j, a.hn, n);
+  });
+}
+
+template <class T>
+void gru_bwd(const T* ws, const T* hx, const T* dhy, T* dgi, T* dgh, T* dh_direct, int64_t B,
+             int64_t H) {
+  using V = OpVec<T>;
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    const T* g = ws + b * 6 * H;
+    const math::GruGates<V> a{vload(g + j, n), vload(g + H + j, n), vload(g + 2 * H + j, n),
+                              vload(g + 3 * H + j, n)};
+    const int64_t o = b * H + j;
+    const auto d = math::gru_backward(a, vload(hx + o, n), vload(dhy + o, n));
+    T* di = dgi + b * 3 * H;
+    T* dh = dgh + b * 3 * H;
+    vstore(di + j, d.r, n);
+    vstore(di + H + j, d.z, n);
+    vstore(di + 2 * H + j, d.in, n);
+    vstore(dh + j, d.r, n);
+    vstore(dh + H + j, d.z, n);
+    vstore(dh + 2 * H + j, d.hn, n);
+    vstore(dh_direct + o, d.h_direct, n);
+  });
+}
+
+template <class T, bool kRelu>
+void rnn_fwd(T* hy, const T* b_ih, const T* b_hh, int64_t B, int64_t H) {
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    T* p = hy + b * H + j;
+    vstore(p, math::rnn_activate<OpVec<T>, kRelu>(vload(p, n) + vbias(b_ih, b_hh, j, n)), n);
+  });
+}
+
+template <class T, bool kRelu>
+void rnn_bwd(const T* hy, const T* dhy, T* dpre, int64_t B, int64_t H) {
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    const int64_t o = b * H + j;
+    vstore(dpre + o, math::rnn_backward<OpVec<T>, kRelu>(vload(hy + o, n), vload(dhy + o, n)), n);
+  });
+}
+
+}  // namespace
+
+void lstm_cell_forward(DType dtype, void* ws, const void* b_ih, const void* b_hh, const void* cx,
+                       void* hy, void* cy, int64_t B, int64_t H) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    lstm_fwd<T>(static_cast<T*>(ws), static_cast<const T*>(b_ih), static_cast<const T*>(b_hh),
+                static_cast<const T*>(cx), static_cast<T*>(hy), static_cast<T*>(cy), B, H);
+  });
+}
+
+void lstm_cell_backward(DType dtype, const void* ws, const void* cx, const void* cy,
+                        const void* dhy, const void* dcy, void* dgates, void* dcx, int64_t B,
+                        int64_t H) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    lstm_bwd<T>(static_cast<const T*>(ws), static_cast<const T*>(cx), static_cast<const T*>(cy),
+                static_cast<const T*>(dhy), static_cast<const T*>(dcy), static_cast<T*>(dgates),
+                static_cast<T*>(dcx), B, H);
+  });
+}
+
+void gru_cell_forward(DType dtype, void* ws, const void* b_ih, const void* b_hh, const void* hx,
+                      void* hy, int64_t B, int64_t H) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gru_fwd<T>(static_cast<T*>(ws), static_cast<const T*>(b_ih), static_cast<const T*>(b_hh),
+               static_cast<const T*>(hx), static_cast<T*>(hy), B, H);
+  });
+}
+
+void gru_cell_backward(DType dtype, const void* ws, const void* hx, const void* dhy, void* dgi,
+                       void* dgh, void* dh_direct, int64_t B, int64_t H) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gru_bwd<T>(static_cast<const T*>(ws), static_cast<const T*>(hx), static_cast<const T*>(dhy),
+               static_cast<T*>(dgi), static_cast<T*>(dgh), static_cast<T*>(dh_direct), B, H);
+  });
+}
+
+void rnn_cell_forward(DType dtype, bool relu, void* hy, const void* b_ih, const void* b_hh,
+                      int64_t B, int64_t H) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto* h = static_cast<T*>(hy);
+    auto* bi = static_cast<const T*>(b_ih);
+    auto* bh = static_cast<const T*>(b_hh);
+    relu ? rnn_fwd<T, true>(h, bi, bh, B, H) : rnn_fwd<T, false>(h, bi, bh, B, H);
+  });
+}
+
+void rnn_cell_backward(DType dtype, bool relu, const void* hy, const void* dhy, void* dpre,
+                       int64_t B, int64_t H) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto* h = static_cast<const T*>(hy);
+    auto* g = static_cast<const T*>(dhy);
+    auto* d = static_cast<T*>(dpre);
+    relu ? rnn_bwd<T, true>(h, g, d, B, H) : rnn_bwd<T, false>(h, g, d, B, H);
+  });
+}
+
+}  // namespace cpu
+}  // namespace pyseqk

@@ -1,0 +1,54 @@
+// Launcher declarations of the fused cell kernels: the CPU versions (csrc/cpu/cells.cpp) and the
+// CUDA versions (csrc/cuda/cells.cu) take the same arguments. Torch-free.
+//
+// All tensors are contiguous, row-major, of the kernel's dtype; B = batch, H = hidden size.
+// Biases are optional (nullptr = no bias). The GEMMs that produce the gate sums run before the
+// kernel (ATen/cuBLAS); the kernel fuses bias, activations, state update and saving for backward.
+#pragma once
+
+#include <cstdint>
+
+#include "pyseqk/dtype.h"
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace pyseqk {
+
+#define PYSEQK_CELL_KERNELS(STREAM_ARG)                                                          \
+  /* ws     [B, 4H] in: x W_ih^T + h W_hh^T (no bias); out: activated gates i, f, g, o        */ \
+  /* b_ih, b_hh [4H] or nullptr; cx [B, H]; hy, cy [B, H] out                                 */ \
+  void lstm_cell_forward(DType dtype, void* ws, const void* b_ih, const void* b_hh,              \
+                         const void* cx, void* hy, void* cy, int64_t B, int64_t H STREAM_ARG);   \
+  /* ws [B, 4H] activated gates; cx, cy [B, H]; dhy, dcy [B, H] or nullptr (zero)             */ \
+  /* dgates [B, 4H] out: gradient of the pre-activation gate sums; dcx [B, H] out            */  \
+  void lstm_cell_backward(DType dtype, const void* ws, const void* cx, const void* cy,           \
+                          const void* dhy, const void* dcy, void* dgates, void* dcx, int64_t B,  \
+                          int64_t H STREAM_ARG);                                                 \
+  /* ws [B, 6H] in: [:, :3H] = x W_ih^T, [:, 3H:] = h W_hh^T (no bias);                       */ \
+  /*            out: [:, :4H] = r, z, n, hn (hn = h W_hn^T + b_hn), [:, 4H:] unspecified      */ \
+  /* b_ih, b_hh [3H] or nullptr; hx, hy [B, H]                                                */ \
+  void gru_cell_forward(DType dtype, void* ws, const void* b_ih, const void* b_hh,               \
+                        const void* hx, void* hy, int64_t B, int64_t H STREAM_ARG);              \
+  /* ws [B, 6H] from forward; hx [B, H]; dhy [B, H]                                           */ \
+  /* dgi, dgh [B, 3H] out: gradients of the input and hidden gate sums; dh_direct [B, H] out */  \
+  void gru_cell_backward(DType dtype, const void* ws, const void* hx, const void* dhy,           \
+                         void* dgi, void* dgh, void* dh_direct, int64_t B,                       \
+                         int64_t H STREAM_ARG);                                                  \
+  /* hy [B, H] in: x W_ih^T + h W_hh^T (no bias); out: act(sum + b_ih + b_hh)                 */ \
+  void rnn_cell_forward(DType dtype, bool relu, void* hy, const void* b_ih, const void* b_hh,    \
+                        int64_t B, int64_t H STREAM_ARG);                                        \
+  /* hy, dhy [B, H]; dpre [B, H] out: gradient of the pre-activation sum                      */ \
+  void rnn_cell_backward(DType dtype, bool relu, const void* hy, const void* dhy, void* dpre,     \
+                         int64_t B, int64_t H STREAM_ARG);
+
+namespace cpu {
+PYSEQK_CELL_KERNELS()
+}  // namespace cpu
+
+namespace cuda {
+#define PYSEQK_STREAM_ARG , cudaStream_t stream
+PYSEQK_CELL_KERNELS(PYSEQK_STREAM_ARG)
+#undef PYSEQK_STREAM_ARG
+}  // namespace cuda
+
+}  // namespace pyseqk

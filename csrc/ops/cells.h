@@ -1,0 +1,190 @@
+// at::Tensor entry points of the cell ops, written once for every device: `K` supplies the
+// fused kernels (the CPU ones in csrc/cpu, the CUDA ones in csrc/cuda), ATen supplies the GEMMs.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "ops/checks.h"
+
+namespace pyseqk {
+namespace ops {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+// Shapes (torch's own messages where torch has one):
+//   input [B, I], hx [B, H], w_ih [G*H, I], w_hh [G*H, H], b_ih/b_hh [G*H]
+inline DType check_cell(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                        int64_t gates) {
+  const DType dtype = to_dtype(input, "input");
+  check_dim(input, 2, "input", "[batch, input_size]");
+  check_dim(hx, 2, "hx", "[batch, hidden_size]");
+  check_dim(w_ih, 2, "w_ih", "[gates * hidden_size, input_size]");
+  check_dim(w_hh, 2, "w_hh", "[gates * hidden_size, hidden_size]");
+  check_same(input, "input", hx, "hx");
+  check_same(input, "input", w_ih, "w_ih");
+  check_same(input, "input", w_hh, "w_hh");
+  const int64_t H = w_hh.size(1);
+  TORCH_CHECK(w_hh.size(0) == gates * H, "pyseqk: w_hh must have shape [", gates * H, ", ", H,
+              "], got ", w_hh.sizes());
+  TORCH_CHECK(w_ih.size(0) == gates * H, "pyseqk: w_ih must have ", gates * H,
+              " rows (gates * hidden_size), got shape ", w_ih.sizes());
+  TORCH_CHECK(input.size(1) == w_ih.size(1), "input has inconsistent input_size: got ",
+              input.size(1), " expected ", w_ih.size(1));
+  TORCH_CHECK(input.size(0) == hx.size(0), "Input batch size ", input.size(0),
+              " doesn't match hidden0 batch size ", hx.size(0));
+  TORCH_CHECK(hx.size(1) == H, "hidden0 has inconsistent hidden_size: got ", hx.size(1),
+              ", expected ", H);
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (!b->has_value() || !(*b)->defined()) continue;
+    const char* name = b == &b_ih ? "b_ih" : "b_hh";
+    check_same(input, "input", **b, name);
+    TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == gates * H, "pyseqk: ", name,
+                " must have shape [", gates * H, "], got ", (*b)->sizes());
+  }
+  return dtype;
+}
+
+inline at::Tensor contig(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+inline const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// The parameter gradients every cell backward shares: dgi/dgh are the gradients of the input-
+// and hidden-side gate sums (the same tensor for LSTM and RNN), dh_direct the part of dhx that
+// bypasses W_hh (GRU) or undefined.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cell_gemm_backward(const at::Tensor& dgi, const at::Tensor& dgh, const at::Tensor& dh_direct,
+                   const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh) {
+  at::Tensor grad_input = at::mm(dgi, w_ih);
+  at::Tensor grad_hx = dh_direct.defined() ? at::addmm(dh_direct, dgh, w_hh) : at::mm(dgh, w_hh);
+  at::Tensor grad_w_ih = at::mm(dgi.t(), input);
+  at::Tensor grad_w_hh = at::mm(dgh.t(), hx);
+  at::Tensor grad_b_ih = dgi.sum(0);
+  at::Tensor grad_b_hh = dgh.is_same(dgi) ? grad_b_ih : dgh.sum(0);
+  return {grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+template <class K>
+struct Cells {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell(
+      const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+      const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+    const DType dtype = check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 4);
+    check_same(input, "input", cx, "cx");
+    TORCH_CHECK(cx.sizes() == hx.sizes(), "pyseqk: cx must have the shape of hx ", hx.sizes(),
+                ", got ", cx.sizes());
+    typename K::Guard guard(input);
+    const int64_t B = input.size(0), H = hx.size(1);
+    at::Tensor ws = at::mm(input, w_ih.t());
+    ws.addmm_(hx, w_hh.t());
+    at::Tensor hy = at::empty({B, H}, input.options());
+    at::Tensor cy = at::empty({B, H}, input.options());
+    const at::Tensor cxc = cx.contiguous(), bi = contig(b_ih), bh = contig(b_hh);
+    if (B * H > 0) {
+      K::lstm_cell_forward(dtype, ws.data_ptr(), ptr(bi), ptr(bh), cxc.data_ptr(), hy.data_ptr(),
+                           cy.data_ptr(), B, H);
+    }
+    return {hy, cy, ws};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  lstm_cell_backward(const OptTensor& grad_hy, const OptTensor& grad_cy, const at::Tensor& input,
+                     const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& cy,
+                     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws) {
+    const DType dtype = to_dtype(input, "input");
+    typename K::Guard guard(input);
+    const int64_t B = input.size(0), H = hx.size(1);
+    const at::Tensor dhy = contig(grad_hy), dcy = contig(grad_cy);
+    at::Tensor dgates = at::empty({B, 4 * H}, input.options());
+    at::Tensor dcx = at::empty({B, H}, input.options());
+    if (B * H > 0) {
+      K::lstm_cell_backward(dtype, ws.data_ptr(), cx.contiguous().data_ptr(), cy.data_ptr(),
+                            ptr(dhy), ptr(dcy), dgates.data_ptr(), dcx.data_ptr(), B, H);
+    }
+    auto g = cell_gemm_backward(dgates, dgates, at::Tensor(), input, hx, w_ih, w_hh);
+    return {std::get<0>(g), std::get<1>(g), dcx, std::get<2>(g), std::get<3>(g), std::get<4>(g)};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> gru_cell(const at::Tensor& input,
+                                                     const at::Tensor& hx, const at::Tensor& w_ih,
+                                                     const at::Tensor& w_hh,
+                                                     const OptTensor& b_ih, const OptTensor& b_hh) {
+    const DType dtype = check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 3);
+    typename K::Guard guard(input);
+    const int64_t B = input.size(0), H = hx.size(1);
+    at::Tensor ws = at::empty({B, 6 * H}, input.options());
+    at::mm_out(ws.narrow(1, 0, 3 * H), input, w_ih.t());
+    at::mm_out(ws.narrow(1, 3 * H, 3 * H), hx, w_hh.t());
+    at::Tensor hy = at::empty({B, H}, input.options());
+    const at::Tensor hxc = hx.contiguous(), bi = contig(b_ih), bh = contig(b_hh);
+    if (B * H > 0) {
+      K::gru_cell_forward(dtype, ws.data_ptr(), ptr(bi), ptr(bh), hxc.data_ptr(), hy.data_ptr(),
+                          B, H);
+    }
+    return {hy, ws};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  gru_cell_backward(const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx,
+                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws) {
+    const DType dtype = to_dtype(input, "input");
+    typename K::Guard guard(input);
+    const int64_t B = input.size(0), H = hx.size(1);
+    at::Tensor dgi = at::empty({B, 3 * H}, input.options());
+    at::Tensor dgh = at::empty({B, 3 * H}, input.options());
+    at::Tensor dh_direct = at::empty({B, H}, input.options());
+    if (B * H > 0) {
+      K::gru_cell_backward(dtype, ws.data_ptr(), hx.contiguous().data_ptr(),
+                           grad_hy.contiguous().data_ptr(), dgi.data_ptr(), dgh.data_ptr(),
+                           dh_direct.data_ptr(), B, H);
+    }
+    return cell_gemm_backward(dgi, dgh, dh_direct, input, hx, w_ih, w_hh);
+  }
+
+  template <bool kRelu>
+  static at::Tensor rnn_cell(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+    const DType dtype = check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 1);
+    typename K::Guard guard(input);
+    const int64_t B = input.size(0), H = hx.size(1);
+    at::Tensor hy = at::mm(input, w_ih.t());
+    hy.addmm_(hx, w_hh.t());
+    const at::Tensor bi = contig(b_ih), bh = contig(b_hh);
+    if (B * H > 0) K::rnn_cell_forward(dtype, kRelu, hy.data_ptr(), ptr(bi), ptr(bh), B, H);
+    return hy;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_backward(
+      const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx,
+      const at::Tensor& hy, const at::Tensor& w_ih, const at::Tensor& w_hh, bool relu) {
+    const DType dtype = to_dtype(input, "input");
+    typename K::Guard guard(input);
+    const int64_t B = input.size(0), H = hx.size(1);
+    at::Tensor dpre = at::empty({B, H}, input.options());
+    if (B * H > 0) {
+      K::rnn_cell_backward(dtype, relu, hy.contiguous().data_ptr(),
+                           grad_hy.contiguous().data_ptr(), dpre.data_ptr(), B, H);
+    }
+    auto g = cell_gemm_backward(dpre, dpre, at::Tensor(), input, hx, w_ih, w_hh);
+    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g)};
+  }
+
+  static void register_impls(torch::Library& m) {
+    m.impl("lstm_cell", &lstm_cell);
+    m.impl("lstm_cell_backward", &lstm_cell_backward);
+    m.impl("gru_cell", &gru_cell);
+    m.impl("gru_cell_backward", &gru_cell_backward);
+    m.impl("rnn_tanh_cell", &rnn_cell<false>);
+    m.impl("rnn_relu_cell", &rnn_cell<true>);
+    m.impl("rnn_cell_backward", &rnn_cell_backward);
+  }
+};
+
+}  // namespace ops
+}  // namespace pyseqk

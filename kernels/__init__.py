@@ -1,0 +1,1 @@
+"""Triton kernels (installed as pyseqk.kernels): device code and thin host launchers."""

@@ -1,0 +1,106 @@
+"""Builds pyseqk._C: CUDAExtension when torch has CUDA and nvcc is found, CppExtension otherwise.
+
+Environment:
+  PYSEQK_NO_CUDA=1         build the CPU-only extension even where CUDA is available
+  TORCH_CUDA_ARCH_LIST     CUDA archs to compile for (default "8.0;9.0")
+  PYSEQK_CPU_ISA           "avx2" or "default" (default: avx2 when the build machine has AVX2+FMA)
+  MAX_JOBS                 parallel compile jobs (read by torch.utils.cpp_extension)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cpu_has(*flags):
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return all(flag in words for flag in flags)
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda/bin/nvcc"
+    return shutil.which("nvcc")
+
+
+def _cuda_pip_include():
+    """Headers of the CUDA runtime pip package torch's CUDA build depends on (cuda_runtime_api.h)."""
+    try:
+        import nvidia  # namespace package
+    except ImportError:
+        return []
+    found = []
+    for base in nvidia.__path__:
+        for sub in ("cu13/include", "cuda_runtime/include"):
+            path = os.path.join(base, sub)
+            if os.path.exists(os.path.join(path, "cuda_runtime_api.h")):
+                found.append(path)
+    return found
+
+
+def main():
+    nvcc = _nvcc()
+    with_cuda = (
+        torch.version.cuda is not None
+        and nvcc is not None
+        and os.environ.get("PYSEQK_NO_CUDA", "0") != "1"
+    )
+    if with_cuda:
+        os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(nvcc)))
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+    isa = os.environ.get("PYSEQK_CPU_ISA") or ("avx2" if _cpu_has("avx2", "fma") else "default")
+    if isa not in ("avx2", "default"):
+        raise SystemExit(f"PYSEQK_CPU_ISA must be 'avx2' or 'default', got {isa!r}")
+
+    sources = sorted(glob.glob("csrc/ops/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", f"-DPYSEQK_CPU_ISA=\"{isa}\""]
+    if isa == "avx2":
+        # ATen's Vectorized picks its implementation from these macros; without them it is scalar.
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    define_macros = []
+    if with_cuda:
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        include_dirs += _cuda_pip_include()
+        define_macros.append(("PYSEQK_WITH_CUDA", None))
+        cxx.append(f"-DPYSEQK_CUDA_ARCHS=\"{archs}\"")
+        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-Xptxas=-v", "-lineinfo"]
+        ext = cpp_extension.CUDAExtension(
+            "pyseqk._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "pyseqk._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+        )
+
+    setup(
+        name="pyseqk",
+        version="0.1.0",
+        packages=["pyseqk", "pyseqk.nn", "pyseqk.kernels"],
+        package_dir={"pyseqk.kernels": "kernels"},
+        ext_modules=[ext],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        python_requires=">=3.10",
+    )
+
+
+if __name__ == "__main__":
+    main()
