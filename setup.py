@@ -68,7 +68,7 @@ def main():
         raise SystemExit(f"PYSEQK_CPU_ISA must be 'avx2' or 'default', got {isa!r}")
 
     sources = sorted(glob.glob("csrc/ops/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", f"-DPYSEQK_CPU_ISA=\"{isa}\""]
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", f"-DPYSEQK_CPU_ISA=\"{isa}\""]
     if isa == "avx2":
         # ATen's Vectorized picks its implementation from these macros; without them it is scalar.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
@@ -80,7 +80,7 @@ def main():
         include_dirs += _cuda_pip_include()
         define_macros.append(("PYSEQK_WITH_CUDA", None))
         cxx.append(f"-DPYSEQK_CUDA_ARCHS=\"{archs}\"")
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-Xptxas=-v", "-lineinfo"]
+        nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-Xptxas=-v", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(
             "pyseqk._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},

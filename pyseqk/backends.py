@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import json
 import os
 
@@ -43,6 +44,7 @@ def reload_environment() -> None:
     global _env_choice
     value = os.environ.get("PYSEQK_BACKEND", "").strip()
     _env_choice = _validate_name(value, "PYSEQK_BACKEND") if value else None
+    _precompute()
 
 
 @contextlib.contextmanager
@@ -65,12 +67,9 @@ def native_status() -> tuple[bool, str, dict]:
     return True, "", json.loads(torch.ops.pyseqk.build_info())
 
 
-@functools.lru_cache(maxsize=None)
 def triton_status() -> tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return False, f"triton is not installed ({e})"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
     return True, ""
 
 
@@ -107,29 +106,38 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     return f"unknown backend {name!r}"
 
 
-@functools.lru_cache(maxsize=None)
+# Precomputed by reload_environment(), so that resolve() is plain dict and list lookups that
+# torch.compile traces (and guards on) without a graph break.
+_DEVICE_TYPES = ("cpu", "cuda")
+_reasons: dict[tuple[str, str], str | None] = {}
+_defaults: dict[str, str] = {}
+
+
+def _precompute() -> None:
+    _reasons.clear()
+    for name in BACKENDS:
+        for dev in _DEVICE_TYPES:
+            _reasons[(name, dev)] = unavailable_reason(name, dev)
+    _defaults.clear()
+    for dev, candidates in (("cpu", ("cpu",)), ("cuda", ("cuda", "triton"))):
+        _defaults[dev] = next((n for n in candidates if _reasons[(n, dev)] is None), "reference")
+
+
 def default_backend(device_type: str) -> str:
-    candidates = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device_type, ())
-    for name in candidates:
-        if unavailable_reason(name, device_type) is None:
-            return name
-    return "reference"
-
-
-@functools.lru_cache(maxsize=None)
-def _checked(name: str, device_type: str) -> str:
-    why = unavailable_reason(name, device_type)
-    if why is not None:
-        raise BackendError(why)
-    return name
+    return _defaults.get(device_type, "reference")
 
 
 def resolve(device: torch.device) -> str:
     """The backend that runs an op whose tensors live on ``device``."""
     name = _stack[-1] if _stack else _env_choice
     if name is None:
-        return default_backend(device.type)
-    return _checked(name, device.type)
+        return _defaults.get(device.type, "reference")
+    if name == "reference":
+        return name
+    why = _reasons.get((name, device.type), f"backend {name!r} cannot run {device.type} tensors")
+    if why is not None:
+        raise BackendError(why)
+    return name
 
 
 def info() -> dict:

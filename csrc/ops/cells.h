@@ -119,8 +119,9 @@ struct Cells {
     typename K::Guard guard(input);
     const int64_t B = input.size(0), H = hx.size(1);
     at::Tensor ws = at::empty({B, 6 * H}, input.options());
-    at::mm_out(ws.narrow(1, 0, 3 * H), input, w_ih.t());
-    at::mm_out(ws.narrow(1, 3 * H, 3 * H), hx, w_hh.t());
+    at::Tensor gi = ws.narrow(1, 0, 3 * H), gh = ws.narrow(1, 3 * H, 3 * H);
+    at::mm_out(gi, input, w_ih.t());
+    at::mm_out(gh, hx, w_hh.t());
     at::Tensor hy = at::empty({B, H}, input.options());
     const at::Tensor hxc = hx.contiguous(), bi = contig(b_ih), bh = contig(b_hh);
     if (B * H > 0) {

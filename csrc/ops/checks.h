@@ -11,6 +11,20 @@
 namespace pyseqk {
 namespace ops {
 
+// The dtype as Python users spell it (torch.float32), so messages match the Python backends'.
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 inline DType to_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
@@ -19,7 +33,7 @@ inline DType to_dtype(const at::Tensor& t, const char* name) {
     case at::kBFloat16: return DType::kBFloat16;
     default:
       TORCH_CHECK_TYPE(false, "pyseqk: ", name, " must be float32, float64, float16 or bfloat16, got ",
-                       t.scalar_type());
+                       py_dtype(t.scalar_type()));
   }
   return DType::kFloat32;
 }
@@ -30,7 +44,8 @@ inline void check_same(const at::Tensor& ref, const char* ref_name, const at::Te
   TORCH_CHECK(t.device() == ref.device(), "pyseqk: ", name, " is on ", t.device(), " but ",
               ref_name, " is on ", ref.device(), "; expected all tensors on one device");
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "pyseqk: ", name, " has dtype ",
-                   t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(),
+                   py_dtype(t.scalar_type()), " but ", ref_name, " has dtype ",
+                   py_dtype(ref.scalar_type()),
                    "; expected one dtype");
 }
 

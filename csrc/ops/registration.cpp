@@ -53,9 +53,7 @@ TORCH_LIBRARY(pyseqk, m) {
       "Tensor grad_w_hh, Tensor grad_bias)");
 }
 
-extern "C" {
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&def);
-}
 }
