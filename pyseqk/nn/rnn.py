@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import functional as F
 
 
-def _check_dims(cls_name: str, input: Tensor, hidden, what: str) -> bool:
+def _check_dims(cls_name: str, input: Tensor, hidden) -> bool:
     if input.dim() not in (1, 2):
         raise ValueError(f"{cls_name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     for label, h in hidden:
@@ -22,7 +22,7 @@ class RNNCell(torch.nn.RNNCell):
     __doc__ = torch.nn.RNNCell.__doc__
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        batched = _check_dims("RNNCell", input, (("hidden", hx),), "hidden")
+        batched = _check_dims("RNNCell", input, (("hidden", hx),))
         if not batched:
             input = input.unsqueeze(0)
         if hx is None:
@@ -43,8 +43,12 @@ class LSTMCell(torch.nn.LSTMCell):
     __doc__ = torch.nn.LSTMCell.__doc__
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if hx is not None and input.dim() == 2 and hx[0].dim() == 2 and hx[1].dim() == 2:
+            # The common case in a time loop, kept free of per-call Python work.
+            return F.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
+                               self.bias_hh)
         hidden = () if hx is None else tuple((f"hx[{i}]", h) for i, h in enumerate(hx))
-        batched = _check_dims("LSTMCell", input, hidden, "hx")
+        batched = _check_dims("LSTMCell", input, hidden)
         if not batched:
             input = input.unsqueeze(0)
         if hx is None:
@@ -61,7 +65,7 @@ class GRUCell(torch.nn.GRUCell):
     __doc__ = torch.nn.GRUCell.__doc__
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        batched = _check_dims("GRUCell", input, (("hidden", hx),), "hidden")
+        batched = _check_dims("GRUCell", input, (("hidden", hx),))
         if not batched:
             input = input.unsqueeze(0)
         if hx is None:
