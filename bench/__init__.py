@@ -1,0 +1,1 @@
+"""pyseqk microbenchmarks: `python -m bench` (see bench/NOTES.md)."""
