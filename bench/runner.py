@@ -257,6 +257,11 @@ def run_case(case: Case, backend: str | None, device: str, cfg: dict, peak_gflop
 
     row = {"name": case.name, "group": case.group, "params": case.params, "flops": case.flops,
            "bytes": case.bytes}
+    if backend and not aa and backend in pyseqk.backends.BACKENDS:
+        why = pyseqk.backends.unavailable_reason(backend, device)
+        if why is not None:  # not built here, or not for this device: say so, do not fail
+            row.update(backend=backend, skipped=why)
+            return row
     ctx = pyseqk.use_backend(backend) if backend and not aa else contextlib.nullcontext()
     with ctx:
         row["backend"] = "torch A/A" if aa else pyseqk.backends.resolve(torch.device(device))
