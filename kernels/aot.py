@@ -1,16 +1,32 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90 without a GPU, and the
-register/spill report of Triton's bundled ptxas: `python -m kernels.aot` (or
-`python -m pyseqk.kernels.aot` when installed) prints the table; tests/test_build.py asserts it."""
+register/spill report of Triton's bundled ptxas.
+
+    python -m pyseqk.kernels.aot          # table: kernel, dtype, arch, registers, spills
+    python -m pyseqk.kernels.aot --json   # the same rows as JSON (tests/test_build.py)
+
+Works with TRITON_INTERPRET=1 set too (the test suite sets it globally): the interpreter
+replaces every @triton.jit function, Triton's own library included, by an InterpretedFunction,
+which the compiler cannot take; the compiles then run in one worker process started with the
+variable unset (see _Worker), and the kernels are named to it by module and name.
+
+Registers and spills come from `ptxas -v` run on the PTX with the flags Triton itself uses:
+CompiledKernel.n_regs / n_spills are only filled in when the binary is loaded onto a GPU."""
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
+from typing import Any, Optional
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 from . import _common, gru, lstm, rnn
 
@@ -18,83 +34,231 @@ ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16", "fp16")
 
 
-def _jit_function(kernel):
-    if not isinstance(kernel, triton.runtime.JITFunction):
-        raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (the interpreter replaces "
-                           "every @triton.jit function); run `python -m pyseqk.kernels.aot`")
-    return kernel
+# --------------------------------------------------------------------------------------------
+# The kernels
 
 
-def _signature(kernel, pointer_dtype, constexprs):
-    fn = _jit_function(kernel)
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{pointer_dtype}"
-        else:
-            sig[name] = "i32"
+def _sig(dtype: str, pointers: str, ints: str = "H") -> dict[str, str]:
+    sig = {name: f"*{dtype}" for name in pointers.split()}
+    sig.update({name: "i32" for name in ints.split()})
     return sig
 
 
-def all_kernels():
-    """(name, kernel, constexprs) for every kernel, with the flag combinations that matter."""
-    B = {"BLOCK": _common.BLOCK_H}
-    return [
-        ("lstm_cell_fwd", lstm._lstm_cell_fwd_kernel, dict(HAS_B_IH=True, HAS_B_HH=True, **B)),
-        ("lstm_cell_bwd", lstm._lstm_cell_bwd_kernel, dict(HAS_DHY=True, HAS_DCY=True, **B)),
-        ("gru_cell_fwd", gru._gru_cell_fwd_kernel, dict(HAS_B_IH=True, HAS_B_HH=True, **B)),
-        ("gru_cell_bwd", gru._gru_cell_bwd_kernel, dict(**B)),
-        ("rnn_cell_fwd", rnn._rnn_cell_fwd_kernel, dict(RELU=False, HAS_B_IH=True, HAS_B_HH=True, **B)),
-        ("rnn_cell_bwd", rnn._rnn_cell_bwd_kernel, dict(RELU=False, **B)),
-    ]
+def all_kernels() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
+    """(name, kernel, signature, constexprs) for every kernel in kernels/, for each realistic
+    dtype: the signature maps each runtime argument to its Triton type (`*bf16`, `i32`), the
+    constexprs are the mode flags, with every optional input present (the most live values).
+    The name carries the dtype (`lstm_cell_fwd[bf16]`); `kernel` is the object the module
+    defines (a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1)."""
+    blk = {"BLOCK": _common.BLOCK_H}
+    rows = []
+    for dt in DTYPES:
+        rows += [
+            ("lstm_cell_fwd", lstm._lstm_cell_fwd_kernel,
+             _sig(dt, "ws_ptr b_ih_ptr b_hh_ptr cx_ptr hy_ptr cy_ptr"),
+             dict(HAS_B_IH=True, HAS_B_HH=True, **blk)),
+            ("lstm_cell_bwd", lstm._lstm_cell_bwd_kernel,
+             _sig(dt, "ws_ptr cx_ptr cy_ptr dhy_ptr dcy_ptr dgates_ptr dcx_ptr"),
+             dict(HAS_DHY=True, HAS_DCY=True, **blk)),
+            ("gru_cell_fwd", gru._gru_cell_fwd_kernel,
+             _sig(dt, "ws_ptr b_ih_ptr b_hh_ptr hx_ptr hy_ptr"),
+             dict(HAS_B_IH=True, HAS_B_HH=True, **blk)),
+            ("gru_cell_bwd", gru._gru_cell_bwd_kernel,
+             _sig(dt, "ws_ptr hx_ptr dhy_ptr dgi_ptr dgh_ptr dh_direct_ptr"), dict(**blk)),
+        ]
+        for act, relu in (("tanh", False), ("relu", True)):
+            rows += [
+                (f"rnn_{act}_cell_fwd", rnn._rnn_cell_fwd_kernel, _sig(dt, "hy_ptr b_ih_ptr b_hh_ptr"),
+                 dict(RELU=relu, HAS_B_IH=True, HAS_B_HH=True, **blk)),
+                (f"rnn_{act}_cell_bwd", rnn._rnn_cell_bwd_kernel, _sig(dt, "hy_ptr dhy_ptr dpre_ptr"),
+                 dict(RELU=relu, **blk)),
+            ]
+    return [(f"{name}[{_dtype_of(sig)}]", k, sig, c) for name, k, sig, c in rows]
 
 
-def _ptxas():
-    here = os.path.dirname(triton.__file__)
-    path = os.path.join(here, "backends", "nvidia", "bin", "ptxas")
-    return path if os.path.exists(path) else "ptxas"
+def _dtype_of(signature: dict[str, str]) -> str:
+    return next(t[1:] for t in signature.values() if t.startswith("*"))
 
 
-def compile_report(kernel, constexprs, dtype, arch, num_warps=_common.NUM_WARPS):
-    """Compile for sm_<arch>; returns dict(registers, spill_stores, spill_loads)."""
-    src = ASTSource(fn=_jit_function(kernel), signature=_signature(kernel, dtype, constexprs),
-                    constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps})
-    ptx = compiled.asm["ptx"]
+# --------------------------------------------------------------------------------------------
+# Compilation
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _kernel_id(kernel) -> tuple[str, str]:
+    """(module, name) by which a separate process can import the kernel."""
+    fn = getattr(kernel, "fn", None)
+    if fn is None:
+        raise TypeError(f"{kernel!r} is not a @triton.jit kernel")
+    if fn.__module__ == "__main__":
+        main = sys.modules["__main__"]
+        spec = getattr(main, "__spec__", None)
+        if spec is None or not spec.name:
+            raise RuntimeError(f"{fn.__name__} is defined in a script run as __main__: under "
+                               "TRITON_INTERPRET=1 it must live in an importable module")
+        return spec.name, fn.__name__
+    return fn.__module__, fn.__name__
+
+
+class _Worker:
+    """A child process with TRITON_INTERPRET unset that compiles on request (JSON lines).
+
+    Why a process: with the interpreter on, Triton wraps every @triton.jit function it imports,
+    its own standard library (tl.sum, tl.cdiv, ...) included, and the code generator and gluon
+    refuse those; interpreted launches also leave patches on triton.language behind. Only a
+    process that imported Triton with the interpreter off compiles reliably."""
+
+    def __init__(self):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env["_PYSEQK_AOT_WORKER"] = "1"
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, env=env, text=True,
+                                     bufsize=1)
+
+    def request(self, **req) -> dict[str, int]:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError("the AOT compile worker exited unexpectedly:\n"
+                               + self.log.read()[-4000:])
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"AOT compile of {req['module']}.{req['name']} for sm_{req['arch']} "
+                               f"failed in the worker:\n{reply['error']}")
+        return reply["report"]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+_WORKER_MAIN = """
+import importlib, json, os, sys, traceback
+out = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)  # stray prints of the compiler must not corrupt the replies
+from pyseqk.kernels import aot
+for line in sys.stdin:
+    req = json.loads(line)
+    try:
+        kernel = getattr(importlib.import_module(req["module"]), req["name"])
+        attrs = None if req["attrs"] is None else {tuple(k): v for k, v in req["attrs"]}
+        rep = aot.compile_report(kernel, req["signature"], req["constexprs"], req["arch"],
+                                 num_warps=req["num_warps"], attrs=attrs)
+        out.write(json.dumps({"report": rep}) + "\\n")
+    except Exception:
+        out.write(json.dumps({"error": traceback.format_exc()}) + "\\n")
+    out.flush()
+"""
+
+_worker: Optional[_Worker] = None
+
+
+def _get_worker() -> _Worker:
+    global _worker
+    if _worker is None or _worker.proc.poll() is not None:
+        _worker = _Worker()
+        atexit.register(_worker.close)
+    return _worker
+
+
+def _ptxas_report(ptx: str, arch: int, enable_fp_fusion: bool = True) -> dict[str, int]:
+    """ptxas -v on the PTX, with the flags Triton's make_cubin passes."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
     with tempfile.TemporaryDirectory() as d:
-        ptx_path = os.path.join(d, "k.ptx")
-        with open(ptx_path, "w") as f:
+        src = os.path.join(d, "kernel.ptx")
+        with open(src, "w") as f:
             f.write(ptx)
-        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        out = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", ptx_path, "-o",
-                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
+        cmd = [get_ptxas(arch).path, "-lineinfo", *([] if enable_fp_fusion else ["--fmad=false"]),
+               "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+               "-o", os.path.join(d, "kernel.cubin")]
+        out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(out.stderr)
+        raise RuntimeError(f"ptxas failed ({out.returncode}): {out.stderr}")
     regs = re.search(r"Used (\d+) registers", out.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
+    stack = re.search(r"(\d+) bytes stack frame", out.stderr)
+    if regs is None or spill is None:
+        raise RuntimeError(f"unexpected ptxas -v output:\n{out.stderr}")
     return {"registers": int(regs.group(1)), "spill_stores": int(spill.group(1)),
-            "spill_loads": int(spill.group(2))}
+            "spill_loads": int(spill.group(2)), "stack_bytes": int(stack.group(1)) if stack else 0}
 
 
-def report():
+def _compiles_in_process(kernel) -> bool:
+    # Triton's own jit library must be JITFunctions too: it is not when triton was imported
+    # with the interpreter on, even if the variable was unset since.
+    return (isinstance(kernel, JITFunction) and isinstance(tl.standard.cdiv, JITFunction)
+            and not _interpreting())
+
+
+def compile_report(kernel, signature: dict[str, str], constexprs: dict[str, Any], arch: int,
+                   num_warps: int = _common.NUM_WARPS,
+                   attrs: Optional[dict] = None) -> dict[str, int]:
+    """Compile `kernel` for sm_<arch> (no GPU needed) and return dict(registers, spill_stores,
+    spill_loads, spills, stack_bytes); spills = spill_stores + spill_loads, in bytes.
+
+    signature: runtime argument -> Triton type (`*fp32`, `i32`); constexprs: name -> value
+    (they may be left out of the signature). attrs: specialization hints {(arg index,):
+    [["tt.divisibility", 16]]}; by default every pointer is 16-byte aligned, as the runtime JIT
+    specializes for torch's allocations. Under TRITON_INTERPRET=1 the compile runs in a worker
+    process with the interpreter off (see _Worker)."""
+    if not _compiles_in_process(kernel):
+        if os.environ.get("_PYSEQK_AOT_WORKER") == "1":
+            raise RuntimeError("the AOT worker itself runs under the interpreter")
+        module, name = _kernel_id(kernel)
+        return _get_worker().request(
+            module=module, name=name, signature=dict(signature), constexprs=dict(constexprs),
+            arch=int(arch), num_warps=int(num_warps),
+            attrs=None if attrs is None else [[list(k), v] for k, v in attrs.items()])
+    fn = kernel
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    missing = [a for a in fn.arg_names if a not in sig]
+    if missing:
+        raise ValueError(f"{fn.__name__}: signature lacks {missing}")
+    sig = {a: sig[a] for a in fn.arg_names}
+    if attrs is None:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if sig[a].startswith("*")}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    report = _ptxas_report(compiled.asm["ptx"], arch,
+                           getattr(compiled.metadata, "enable_fp_fusion", True))
+    report["spills"] = report["spill_stores"] + report["spill_loads"]
+    return report
+
+
+def report(archs=ARCHS) -> list[dict[str, Any]]:
     rows = []
-    for name, kernel, constexprs in all_kernels():
-        for dtype in DTYPES:
-            for arch in ARCHS:
-                rows.append((name, dtype, arch, compile_report(kernel, constexprs, dtype, arch)))
+    for name, kernel, signature, constexprs in all_kernels():
+        base, dtype = name[:-1].split("[")
+        for arch in archs:
+            r = compile_report(kernel, signature, constexprs, arch)
+            rows.append(dict(kernel=base, dtype=dtype, arch=arch, **r))
     return rows
 
 
-if __name__ == "__main__":
-    import json
-    import sys
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rows = report()
+    if "--json" in argv:
+        print(json.dumps(rows))
+    else:
+        print(f"{'kernel':<20}{'dtype':<7}{'arch':<7}{'registers':>10}{'spills':>8}")
+        for r in rows:
+            print(f"{r['kernel']:<20}{r['dtype']:<7}{'sm_' + str(r['arch']):<7}"
+                  f"{r['registers']:>10}{r['spills']:>8}")
+    return 1 if any(r["spills"] for r in rows) else 0
 
-    if "--json" in sys.argv:
-        print(json.dumps([dict(kernel=n, dtype=d, arch=a, **r) for n, d, a, r in report()]))
-        sys.exit(0)
-    print(f"{'kernel':<16}{'dtype':<6}{'arch':<6}{'regs':>5}{'spills':>8}")
-    for name, dtype, arch, r in report():
-        print(f"{name:<16}{dtype:<6}sm_{arch:<3}{r['registers']:>5}{r['spill_stores'] + r['spill_loads']:>8}")
+
+if __name__ == "__main__":
+    sys.exit(main())
