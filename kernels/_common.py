@@ -107,12 +107,6 @@ def check_shape(name: str, t: Optional[torch.Tensor], shape: tuple[int, ...]) ->
         raise ValueError(f"pyseqk.kernels: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
-def check_contiguous(**tensors: Optional[torch.Tensor]) -> None:
-    for name, t in tensors.items():
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"pyseqk.kernels: {name} must be contiguous")
-
-
 def dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """A stand-in pointer for an absent optional tensor (never read: its flag is constexpr False)."""
     return like if t is None else t
