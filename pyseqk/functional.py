@@ -109,3 +109,42 @@ def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: T
                   b_hh: Tensor | None = None) -> Tensor:
     """One Elman step with ReLU."""
     return _rnn_cell("rnn_relu_cell", input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole sequences (one layer, one direction; the nn modules compose layers and directions).
+# Time-major input [T, B, I]; lengths: int64 [B] or None (see reference._run_layer).
+
+def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+               b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None,
+               lengths: Tensor | None = None, reverse: bool = False
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """input [T, B, I], h0 [B, P], c0 [B, H], w_ih [4H, I], w_hh [4H, P], w_hr [P, H] or None.
+    Returns output [T, B, P], h_n [B, P], c_n [B, H]."""
+    return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+
+
+def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+              b_hh: Tensor | None = None, lengths: Tensor | None = None, reverse: bool = False
+              ) -> tuple[Tensor, Tensor]:
+    """input [T, B, I], h0 [B, H], w_ih [3H, I], w_hh [3H, H]. Returns output [T, B, H], h_n."""
+    return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+
+
+def rnn_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+              b_hh: Tensor | None = None, nonlinearity: str = "tanh",
+              lengths: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """input [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H]. Returns output [T, B, H], h_n."""
+    return reference.rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, lengths, reverse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention.
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
+                                 attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention's signature and semantics."""
+    return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
+                                                  is_causal, scale, enable_gqa)

@@ -30,3 +30,94 @@ def rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     return (F.linear(input, w_ih, b_ih) + F.linear(hx, w_hh, b_hh)).relu()
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole sequences: one layer, one direction. Time-major: input [T, B, I]. With lengths (int64
+# [B]), sequence b has steps 0 .. lengths[b]-1: its output is zero at later steps and its final
+# state is the one after step lengths[b]-1 (reverse: the one after step 0, having started at
+# step lengths[b]-1). This is what torch.nn's layers compute for a PackedSequence.
+
+def _run_layer(step, states, input, lengths, reverse):
+    """states: tuple of [B, *] tensors; step(x_t, states) -> (out_t, new_states)."""
+    T = input.shape[0]
+    outs = [None] * T
+    order = range(T - 1, -1, -1) if reverse else range(T)
+    for t in order:
+        out, new = step(input[t], states)
+        if lengths is None:
+            states = new
+        else:
+            valid = (t < lengths.to(input.device)).unsqueeze(1)
+            states = tuple(torch.where(valid, n, s) for n, s in zip(new, states))
+            out = torch.where(valid, out, torch.zeros_like(out))
+        outs[t] = out
+    if T == 0:
+        return input.new_empty(0, states[0].shape[0], states[0].shape[1]), states
+    return torch.stack(outs), states
+
+
+def lstm_layer(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
+               reverse=False):
+    """input [T, B, I]; h0 [B, P]; c0 [B, H]; w_ih [4H, I]; w_hh [4H, P]; b_ih/b_hh [4H] or None;
+    w_hr [P, H] or None (P = H without projection). Returns output [T, B, P], h_n [B, P],
+    c_n [B, H]."""
+    def step(x, s):
+        h, c = lstm_cell(x, s[0], s[1], w_ih, w_hh, b_ih, b_hh)
+        if w_hr is not None:
+            h = h @ w_hr.t()
+        return h, (h, c)
+
+    out, (h, c) = _run_layer(step, (h0, c0), input, lengths, reverse)
+    return out, h, c
+
+
+def gru_layer(input, h0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, reverse=False):
+    """input [T, B, I]; h0 [B, H]; w_ih [3H, I]; w_hh [3H, H]. Returns output [T, B, H], h_n."""
+    def step(x, s):
+        h = gru_cell(x, s[0], w_ih, w_hh, b_ih, b_hh)
+        return h, (h,)
+
+    out, (h,) = _run_layer(step, (h0,), input, lengths, reverse)
+    return out, h
+
+
+def rnn_layer(input, h0, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", lengths=None,
+              reverse=False):
+    """input [T, B, I]; h0 [B, H]; w_ih [H, I]; w_hh [H, H]. Returns output [T, B, H], h_n."""
+    cell = {"tanh": rnn_tanh_cell, "relu": rnn_relu_cell}[nonlinearity]
+
+    def step(x, s):
+        h = cell(x, s[0], w_ih, w_hh, b_ih, b_hh)
+        return h, (h,)
+
+    out, (h,) = _run_layer(step, (h0,), input, lengths, reverse)
+    return out, h
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaled dot-product attention: query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev]
+# (Hq a multiple of Hk with enable_gqa). attn_mask: bool (True = attend) or additive, broadcast
+# to [..., Hq, L, S]. is_causal: top-left aligned (query i sees keys j <= i), as torch.
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
+    scale = E ** -0.5 if scale is None else scale
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    weights = scores.softmax(-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ value
