@@ -101,7 +101,9 @@ def rnn_layer(input, h0, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", 
 # to [..., Hq, L, S]. is_causal: top-left aligned (query i sees keys j <= i), as torch.
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, scale=None, enable_gqa=False):
+                                 is_causal=False, scale=None, enable_gqa=False, seed=None):
+    """seed: None drops with torch's RNG (F.dropout); an int drops exactly what the kernels drop
+    for that seed (dropout_keep_mask), which is how the kernels are tested."""
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     scale = E ** -0.5 if scale is None else scale
     if enable_gqa and key.shape[-3] != query.shape[-3]:
@@ -119,5 +121,35 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             scores = scores + attn_mask
     weights = scores.softmax(-1)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, dropout_p)
+        if seed is None:
+            weights = F.dropout(weights, dropout_p)
+        else:
+            shape = weights.shape
+            keep = dropout_keep_mask(seed, shape[:-2].numel(), L, S, dropout_p, query.device)
+            weights = weights * keep.reshape(shape).to(weights.dtype) / (1.0 - dropout_p)
     return weights @ value
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def dropout_keep_mask(seed, BH, L, S, p, device="cpu"):
+    """bool [BH, L, S]: which attention probabilities survive dropout with probability p; the
+    hash of csrc/include/pyseqk/dropout_hash.h, in int64 arithmetic masked to 32 bits (products of
+    two 32-bit values wrap in int64 but keep their low 32 bits)."""
+    bh = torch.arange(BH, device=device, dtype=torch.int64).view(-1, 1, 1)
+    i = torch.arange(L, device=device, dtype=torch.int64).view(1, -1, 1)
+    j = torch.arange(S, device=device, dtype=torch.int64).view(1, 1, -1)
+    a = _fmix32((seed & _M32) ^ ((bh * 0x9E3779B9) & _M32))
+    row = _fmix32(a ^ ((i * 0x85EBCA77) & _M32))
+    r = _fmix32(row ^ ((j * 0xC2B2AE3D) & _M32))
+    threshold = 0 if p <= 0 else (1 << 24 if p >= 1 else int(p * 16777216.0))
+    return (r >> 8) >= threshold
