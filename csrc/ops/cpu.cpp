@@ -18,6 +18,8 @@ struct CpuKernels {
   static constexpr auto gru_cell_backward = &cpu::gru_cell_backward;
   static constexpr auto rnn_cell_forward = &cpu::rnn_cell_forward;
   static constexpr auto rnn_cell_backward = &cpu::rnn_cell_backward;
+  static constexpr int64_t kMaxSmallBatch = cpu::kMaxSmallBatch;
+  static constexpr auto small_batch_gates = &cpu::small_batch_gates;
 };
 
 }  // namespace
