@@ -212,6 +212,47 @@ def test_matches_torch_float32(mode, kind, with_hx, kw):
     compare(mode, kind, with_hx, torch.float32, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,kind,with_hx,kw", [
+    ("lstm_proj", "packed_unsorted", True, dict(num_layers=2, bidirectional=True)),
+    ("gru", "batched", True, dict(batch_first=True)),
+    ("rnn_relu", "unbatched", False, {}),
+])
+def test_matches_torch_low_precision(mode, kind, with_hx, kw, dtype):
+    compare(mode, kind, with_hx, dtype, **kw)
+
+
+@pytest.mark.parametrize("mode,fn", [("lstm_proj", "lstm_layer"), ("gru", "gru_layer"),
+                                     ("rnn_relu", "rnn_layer")])
+@pytest.mark.parametrize("kind", ["batched", "packed_unsorted"])
+def test_one_layer_op_call_per_layer_and_direction(monkeypatch, mode, fn, kind):
+    """The time loop is inside the layer op: the module calls it once per layer and direction
+    with the whole time-major sequence, lengths as an int64 tensor for packed input."""
+    calls = []
+    original = getattr(pyseqk.functional, fn)
+
+    def spy(input, *args, **kwargs):
+        calls.append((input.shape, input.is_contiguous(), args[-2], args[-1]))
+        return original(input, *args, **kwargs)
+
+    monkeypatch.setattr(pyseqk.functional, fn, spy)
+    t, p = make_pair(mode, torch.float64, num_layers=2, bidirectional=True, batch_first=True)
+    inp, hx, _ = make_inputs(t, kind, True, torch.float64)
+    run(p, inp, hx)
+    hout = 2 * (p.proj_size or H)
+    assert [(c[0], c[3]) for c in calls] == [((T, B, I), False), ((T, B, I), True),
+                                             ((T, B, hout), False), ((T, B, hout), True)]
+    assert all(c[1] for c in calls)
+    for c in calls:
+        lengths = c[2]
+        if kind == "batched":
+            assert lengths is None
+        else:
+            assert lengths.dtype == torch.int64
+            assert sorted(lengths.tolist(), reverse=True) == lengths.tolist()  # sorted order
+            assert sorted(lengths.tolist()) == sorted(LENGTHS_UNSORTED)
+
+
 # Every backend that runs here, on representative configurations (fp32: the accuracy rule;
 # fp64: tight). They run pyseqk.functional's layer ops, whichever implementation is behind them.
 BACKEND_CASES = [
