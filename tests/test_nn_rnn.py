@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import pyseqk
 from _util import assert_close_rule
-from conftest import cpu_backends
+from conftest import cpu_backends, cuda_backends
 
 # mode -> (torch.nn class, pyseqk class, constructor kwargs)
 MODES = {
@@ -27,13 +27,13 @@ LENGTHS_SORTED = [6, 4, 2, 1]    # a full-length and a length-1 sequence
 LENGTHS_UNSORTED = [2, 6, 1, 4]
 
 
-def make_pair(mode, dtype=torch.float64, **kw):
+def make_pair(mode, dtype=torch.float64, device="cpu", **kw):
     tcls, pcls, extra = MODES[mode]
     kw = {**extra, **kw}
     torch.manual_seed(0)
-    t = tcls(I, H, dtype=dtype, **kw)
+    t = tcls(I, H, dtype=dtype, **kw).to(device)
     torch.manual_seed(0)
-    p = pcls(I, H, dtype=dtype, **kw)
+    p = pcls(I, H, dtype=dtype, **kw).to(device)
     return t, p
 
 
@@ -41,7 +41,7 @@ def is_lstm(m):
     return isinstance(m, torch.nn.LSTM)
 
 
-def make_inputs(m, kind, with_hx, dtype, seed=1):
+def make_inputs(m, kind, with_hx, dtype, seed=1, device="cpu"):
     """(input, hx) for module m: kind is batched, unbatched, packed_sorted or packed_unsorted.
     Leaf tensors that need gradients are returned in a list as well."""
     g = torch.Generator().manual_seed(seed)
@@ -51,7 +51,7 @@ def make_inputs(m, kind, with_hx, dtype, seed=1):
     leaves = []
 
     def leaf(*shape):
-        x = torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+        x = torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_()
         leaves.append(x)
         return x
 
@@ -86,7 +86,8 @@ def flat_outputs(res):
 def loss_of(outs, seed=2):
     """A weighted sum, so that every element's gradient differs (a plain sum hides errors)."""
     g = torch.Generator().manual_seed(seed)
-    return sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    return sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum()
+               for o in outs)
 
 
 def forward_backward(m, inp, hx, leaves):
@@ -97,9 +98,9 @@ def forward_backward(m, inp, hx, leaves):
     return res, [o.detach() for o in outs], grads
 
 
-def compare(mode, kind, with_hx, dtype=torch.float64, backend=None, **kw):
-    t, p = make_pair(mode, dtype, **kw)
-    inp, hx, leaves = make_inputs(t, kind, with_hx, dtype)
+def compare(mode, kind, with_hx, dtype=torch.float64, backend=None, device="cpu", **kw):
+    t, p = make_pair(mode, dtype, device, **kw)
+    inp, hx, leaves = make_inputs(t, kind, with_hx, dtype, device=device)
     res_t, outs_t, grads_t = forward_backward(t, inp, hx, leaves)
     if backend is None:
         res_p, outs_p, grads_p = forward_backward(p, inp, hx, leaves)
@@ -123,9 +124,9 @@ def compare(mode, kind, with_hx, dtype=torch.float64, backend=None, **kw):
                 torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9, msg=name)
         return
     # lower precision: the project's rule against torch.nn in float64 on the same weights
-    t64, _ = make_pair(mode, torch.float64, **kw)
+    t64, _ = make_pair(mode, torch.float64, device, **kw)
     t64.load_state_dict(t.state_dict())
-    inp64, hx64, leaves64 = make_inputs(t64, kind, with_hx, torch.float64)
+    inp64, hx64, leaves64 = make_inputs(t64, kind, with_hx, torch.float64, device=device)
     _, outs_o, grads_o = forward_backward(t64, inp64, hx64, leaves64)
     for name, a, b, o in zip(names, outs_p + list(grads_p), outs_t + list(grads_t),
                              outs_o + list(grads_o)):
@@ -269,6 +270,14 @@ BACKEND_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_torch_every_backend(backend, mode, kind, with_hx, kw, dtype):
     compare(mode, kind, with_hx, dtype, backend=backend, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", cuda_backends())
+@pytest.mark.parametrize("mode,kind,with_hx,kw", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_torch_cuda(backend, mode, kind, with_hx, kw, dtype):
+    compare(mode, kind, with_hx, dtype, backend=backend, device="cuda", **kw)
 
 
 def test_output_layout_like_torch():
