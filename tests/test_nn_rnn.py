@@ -184,12 +184,12 @@ GRID = []
 for n, (mode, layers, bidir, kind, with_hx) in enumerate(itertools.product(
         MODES, (1, 2), (False, True),
         ("batched", "unbatched", "packed_sorted", "packed_unsorted"), (False, True))):
-    GRID.append(pytest.param(mode, kind, with_hx,
-                             dict(num_layers=layers, bidirectional=bidir,
-                                  batch_first=n % 2 == 0, bias=(n // 2) % 2 == 0),
-                             id=f"{mode}-L{layers}-{'bi' if bidir else 'uni'}-{kind}-"
-                                f"{'hx' if with_hx else 'nohx'}-"
-                                f"{'bf' if n % 2 == 0 else 'tm'}-{'bias' if (n // 2) % 2 == 0 else 'nobias'}"))
+    batch_first, bias = n % 2 == 0, (n // 2) % 2 == 0
+    GRID.append(pytest.param(
+        mode, kind, with_hx,
+        dict(num_layers=layers, bidirectional=bidir, batch_first=batch_first, bias=bias),
+        id=f"{mode}-L{layers}-{'bi' if bidir else 'uni'}-{kind}-{'hx' if with_hx else 'nohx'}-"
+           f"{'bf' if batch_first else 'tm'}-{'bias' if bias else 'nobias'}"))
 
 
 @pytest.mark.parametrize("mode,kind,with_hx,kw", GRID)
@@ -424,9 +424,10 @@ def test_lstm_packed_wrong_hx_is_a_clear_error():
     _, p = make_pair("lstm", torch.float32, num_layers=2)
     x = pack_padded_sequence(torch.randn(T, B, I), torch.tensor(LENGTHS_SORTED))
     good = torch.randn(2, B, H)
-    for h, msg in (((torch.randn(2, B + 1, H), good), "Expected hidden[0] size (2, 4, 5), got [2, 5, 5]"),
-                   ((good, torch.randn(2, B, H - 1)), "Expected hidden[1] size (2, 4, 5), got [2, 4, 4]"),
-                   ((torch.randn(3, B, H), good), "Expected hidden[0] size (2, 4, 5), got [3, 4, 5]")):
+    for h, msg in (
+            ((torch.randn(2, B + 1, H), good), "Expected hidden[0] size (2, 4, 5), got [2, 5, 5]"),
+            ((good, torch.randn(2, B, H - 1)), "Expected hidden[1] size (2, 4, 5), got [2, 4, 4]"),
+            ((torch.randn(3, B, H), good), "Expected hidden[0] size (2, 4, 5), got [3, 4, 5]")):
         with pytest.raises(RuntimeError, match=re.escape(msg)):
             p(x, h)
 

@@ -229,7 +229,8 @@ def _single_state_forward(module, name: str, input_msg: str, layer_fn, input, hx
         _check_packed_args(module, input, (hx,), batch)
     else:
         if input.dim() not in (2, 3):
-            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{input_msg}")
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D"
+                             f"{input_msg}")
         is_batched = input.dim() == 3
         batch_dim = 0 if module.batch_first else 1
         if not is_batched:
@@ -240,7 +241,8 @@ def _single_state_forward(module, name: str, input_msg: str, layer_fn, input, hx
                                        f"{hx.dim()}-D tensor")
                 hx = hx.unsqueeze(1)
         elif hx is not None and hx.dim() != 3:
-            raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+            raise RuntimeError("For batched 3-D input, hx should also be 3-D but got "
+                               f"{hx.dim()}-D tensor")
         if hx is None:
             hx = torch.zeros(module.num_layers * num_directions, input.size(batch_dim),
                              module.hidden_size, dtype=input.dtype, device=input.device)
@@ -349,8 +351,8 @@ class LSTM(_Traceable, torch.nn.LSTM):
                 hx = zeros(input.size(batch_dim), input)
             elif is_batched:
                 if hx[0].dim() != 3 or hx[1].dim() != 3:
-                    raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
-                                       f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but "
+                                       f"got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
             else:
                 if hx[0].dim() != 2 or hx[1].dim() != 2:
                     raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but "
