@@ -1,5 +1,5 @@
 """Drop-in replacements for torch.nn modules."""
 from .convert import convert
-from .rnn import GRUCell, LSTMCell, RNNCell
+from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
-__all__ = ["RNNCell", "LSTMCell", "GRUCell", "convert"]
+__all__ = ["RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU", "convert"]
