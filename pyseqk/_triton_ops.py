@@ -42,9 +42,10 @@ def triton_lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: 
 def triton_lstm_cell_backward(grad_hy: Optional[Tensor], grad_cy: Optional[Tensor], input: Tensor,
                               hx: Tensor, cx: Tensor, cy: Tensor, w_ih: Tensor, w_hh: Tensor,
                               workspace: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dgates = torch.empty_like(workspace)
-    dcx = torch.empty_like(cy)
-    _lstm.lstm_cell_backward(workspace, cx.contiguous(), cy, _c(grad_hy), _c(grad_cy), dgates, dcx)
+    dgates = torch.empty_like(workspace, memory_format=torch.contiguous_format)
+    dcx = torch.empty_like(cy, memory_format=torch.contiguous_format)
+    _lstm.lstm_cell_backward(_c(workspace), cx.contiguous(), _c(cy), _c(grad_hy), _c(grad_cy),
+                             dgates, dcx)
     gi, ghx, gwi, gwh, gb, _ = _gemm_backward(dgates, dgates, None, input, hx, w_ih, w_hh)
     return gi, ghx, dcx, gwi, gwh, gb
 
@@ -68,7 +69,7 @@ def triton_gru_cell_backward(grad_hy: Tensor, input: Tensor, hx: Tensor, w_ih: T
     dgi = input.new_empty(B, 3 * H)
     dgh = input.new_empty(B, 3 * H)
     dh_direct = input.new_empty(B, H)
-    _gru.gru_cell_backward(workspace, hx.contiguous(), grad_hy.contiguous(), dgi, dgh, dh_direct)
+    _gru.gru_cell_backward(_c(workspace), hx.contiguous(), grad_hy.contiguous(), dgi, dgh, dh_direct)
     return _gemm_backward(dgi, dgh, dh_direct, input, hx, w_ih, w_hh)
 
 
@@ -94,8 +95,8 @@ def triton_rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
 @torch.library.custom_op("pyseqk::triton_rnn_cell_backward", mutates_args=())
 def triton_rnn_cell_backward(grad_hy: Tensor, input: Tensor, hx: Tensor, hy: Tensor, w_ih: Tensor,
                              w_hh: Tensor, relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dpre = torch.empty_like(hy)
-    _rnn.rnn_cell_backward(hy, grad_hy.contiguous(), dpre, relu)
+    dpre = torch.empty_like(hy, memory_format=torch.contiguous_format)
+    _rnn.rnn_cell_backward(_c(hy), grad_hy.contiguous(), dpre, relu)
     return _gemm_backward(dpre, dpre, None, input, hx, w_ih, w_hh)[:5]
 
 
