@@ -34,12 +34,15 @@ inline DType check_cell(const at::Tensor& input, const at::Tensor& hx, const at:
               "], got ", w_hh.sizes());
   TORCH_CHECK(w_ih.size(0) == gates * H, "pyseqk: w_ih must have ", gates * H,
               " rows (gates * hidden_size), got shape ", w_ih.sizes());
+  // torch's words first (code that matches them keeps working), then the arguments involved.
   TORCH_CHECK(input.size(1) == w_ih.size(1), "input has inconsistent input_size: got ",
-              input.size(1), " expected ", w_ih.size(1));
+              input.size(1), " expected ", w_ih.size(1), " (input is ", input.sizes(),
+              ", w_ih is ", w_ih.sizes(), ")");
   TORCH_CHECK(input.size(0) == hx.size(0), "Input batch size ", input.size(0),
-              " doesn't match hidden0 batch size ", hx.size(0));
+              " doesn't match hidden0 batch size ", hx.size(0), " (input is ", input.sizes(),
+              ", hx is ", hx.sizes(), ")");
   TORCH_CHECK(hx.size(1) == H, "hidden0 has inconsistent hidden_size: got ", hx.size(1),
-              ", expected ", H);
+              ", expected ", H, " (hx is ", hx.sizes(), ", w_hh is ", w_hh.sizes(), ")");
   for (const auto* b : {&b_ih, &b_hh}) {
     if (!b->has_value() || !(*b)->defined()) continue;
     const char* name = b == &b_ih ? "b_ih" : "b_hh";
