@@ -168,6 +168,7 @@ class ModelCase:
     make: Callable         # () -> torch.nn.Module on pyseqk layers
     make_input: Callable   # (batch, dtype, gen) -> tuple of forward arguments
     ops: tuple             # torch.ops.pyseqk op names the model's forward calls
+    batch_dims: tuple = (1,)  # per forward argument, its batch dimension (None: no batch)
 
 
 MODELS = [
