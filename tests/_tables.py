@@ -179,3 +179,43 @@ MODELS = [
     # After the merge: an LSTM (2 layers, bidirectional) + head; a MultiheadAttention block; a
     # small Transformer encoder.
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward ops: public ops too (torch.ops.pyseqk.*_backward), so bad-input checks cover them.
+# Each entry builds the backward op's arguments from a forward call, with their names.
+
+
+def _lstm_bwd(args):
+    x, h, c, w_ih, w_hh = args[:5]
+    _, cy, ws = torch.ops.pyseqk.lstm_cell(*args)
+    g = torch.randn(cy.shape, generator=torch.Generator().manual_seed(3))
+    return ("lstm_cell_backward", [g, g.clone(), x, h, c, cy, w_ih, w_hh, ws],
+            ("grad_hy", "grad_cy", "input", "hx", "cx", "cy", "w_ih", "w_hh", "workspace"))
+
+
+def _gru_bwd(args):
+    x, h, w_ih, w_hh = args[:4]
+    hy, ws = torch.ops.pyseqk.gru_cell(*args)
+    g = torch.randn(hy.shape, generator=torch.Generator().manual_seed(3))
+    return ("gru_cell_backward", [g, x, h, w_ih, w_hh, ws],
+            ("grad_hy", "input", "hx", "w_ih", "w_hh", "workspace"))
+
+
+def _rnn_bwd(relu):
+    def build(args):
+        x, h, w_ih, w_hh = args[:4]
+        hy = getattr(torch.ops.pyseqk, "rnn_relu_cell" if relu else "rnn_tanh_cell")(*args)
+        g = torch.randn(hy.shape, generator=torch.Generator().manual_seed(3))
+        return ("rnn_cell_backward", [g, x, h, hy, w_ih, w_hh, relu],
+                ("grad_hy", "input", "hx", "hy", "w_ih", "w_hh", "relu"))
+
+    return build
+
+
+BACKWARDS = {  # forward op name -> builder
+    "lstm_cell": _lstm_bwd,
+    "gru_cell": _gru_bwd,
+    "rnn_tanh_cell": _rnn_bwd(False),
+    "rnn_relu_cell": _rnn_bwd(True),
+}

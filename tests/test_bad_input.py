@@ -12,7 +12,7 @@ import torch
 
 import pyseqk
 
-from _tables import MODULES, OPS, outputs
+from _tables import BACKWARDS, MODULES, OPS, outputs
 from conftest import cpu_backends
 
 ERRORS = (RuntimeError, TypeError, ValueError, IndexError)
@@ -258,3 +258,49 @@ def test_module_bad_input_like_torch(case, bad_id, bad):
         assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
         if a.device.type != "meta":
             torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward ops, called directly: every tensor they index is checked (a wrong shape used to
+# read and write past buffers), and non-contiguous saved tensors give the same gradients.
+
+BACKWARD_CASES = [(op, k) for op in OPS if op.name in BACKWARDS for k in range(9)]
+
+
+def backward_call(op, prefix, k=None, mutate=None):
+    import pyseqk._triton_ops  # noqa: F401  (defines the triton_ twins)
+
+    name, args, names = BACKWARDS[op.name](base_args(op))
+    if k is not None:
+        if k >= len(args) or not isinstance(args[k], torch.Tensor):
+            return None, None, None
+        args[k] = mutate(args[k])
+    return getattr(torch.ops.pyseqk, prefix + name), args, names
+
+
+@pytest.mark.parametrize("prefix", ["", "triton_"] if "triton" in cpu_backends() else [""])
+@pytest.mark.parametrize("how", ["size0", "size1", "dtype"])
+@pytest.mark.parametrize("op,k", BACKWARD_CASES, ids=[f"{c[0].name}-{c[1]}" for c in BACKWARD_CASES])
+def test_backward_op_checks_its_arguments(op, k, how, prefix):
+    mutate = {"size0": lambda t: t.narrow(0, 0, t.shape[0] - 1),
+              "size1": lambda t: t.narrow(-1, 0, t.shape[-1] - 1),
+              "dtype": lambda t: t.double()}[how]
+    fn, args, names = backward_call(op, prefix, k, mutate)
+    if fn is None:
+        return
+    with pytest.raises(ERRORS) as e:
+        fn(*args)
+    assert_names(op, names[k], e.value)
+
+
+@pytest.mark.parametrize("prefix", ["", "triton_"] if "triton" in cpu_backends() else [""])
+@pytest.mark.parametrize("op", [op for op in OPS if op.name in BACKWARDS], ids=lambda op: op.name)
+def test_backward_op_noncontiguous(op, prefix):
+    fn, args, names = backward_call(op, prefix)
+    expected = fn(*args)
+    for k, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.dim() == 2:
+            bad = list(args)
+            bad[k] = noncontiguous(a)
+            for x, y in zip(fn(*bad), expected):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"{names[k]} non-contiguous")
