@@ -109,8 +109,15 @@ def _free_port():
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("dist"))
+    old = os.environ.get("GLOO_SOCKET_IFNAME")
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only; inherited by the workers
-    ctx = mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False)
+    try:
+        ctx = mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False)
+    finally:
+        if old is None:
+            del os.environ["GLOO_SOCKET_IFNAME"]
+        else:
+            os.environ["GLOO_SOCKET_IFNAME"] = old
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not ctx.join(timeout=1):
