@@ -67,7 +67,7 @@ def _torch_lstm_cell(x, h, c, *w):
     return torch._VF.lstm_cell(x, (h, c), *w)
 
 
-_CELL_DIMS = {"B": (0, 6), "I": (1, 24), "H": (1, 40)}
+_CELL_DIMS = {"B": (0, 6), "I": (0, 24), "H": (0, 40)}
 _CELL_SIZES = {"B": 3, "I": 5, "H": 7}
 _CELL_ALIASES = {"hx": ("hidden0",), "input": ("Input",)}  # torch's words, which pyseqk keeps
 _cell_work = lambda s: max(s["B"], 1) * s["H"]  # noqa: E731
