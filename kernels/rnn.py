@@ -16,7 +16,7 @@ def _rnn_cell_fwd_kernel(hy_ptr, b_ih_ptr, b_hh_ptr, H, RELU: tl.constexpr,
     p = hy_ptr + row * H + j
     pre = load_f(p, mask, True) + load_f(b_ih_ptr + j, mask, HAS_B_IH) + load_f(b_hh_ptr + j, mask, HAS_B_HH)
     if RELU:
-        h = tl.maximum(pre, 0.0)
+        h = tl.where(pre < 0.0, 0.0, pre)  # NaN passes through, as in torch.relu
     else:
         h = tanh(pre)
     store_as(p, h, mask)

@@ -17,35 +17,52 @@ def _empty(*shape, like):
     return like.new_empty(shape)
 
 
+def _one_device(input, **named):
+    """The dispatcher sends a call that mixes a meta tensor with real ones to the fake (Meta)
+    kernel, which would hand back uninitialised tensors on input's device: raise like the real
+    kernels do instead."""
+    for name, t in named.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"pyseqk: {name} is on {t.device} but input is on {input.device}; "
+                               "expected all tensors on one device")
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels: output shapes only, for torch.compile and opcheck.
 
 def _fake_lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    _one_device(input, hx=hx, cx=cx, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     B, H = input.shape[0], w_hh.shape[1]
     return _empty(B, H, like=input), _empty(B, H, like=input), _empty(B, 4 * H, like=input)
 
 
 def _fake_lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, cy, w_ih, w_hh, workspace):
+    _one_device(input, grad_hy=grad_hy, grad_cy=grad_cy, hx=hx, cx=cx, cy=cy, w_ih=w_ih,
+                w_hh=w_hh, workspace=workspace)
     return (torch.empty_like(input), torch.empty_like(hx), torch.empty_like(cx),
             torch.empty_like(w_ih), torch.empty_like(w_hh), _empty(w_hh.shape[0], like=input))
 
 
 def _fake_gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh):
+    _one_device(input, hx=hx, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     B, H = input.shape[0], w_hh.shape[1]
     return _empty(B, H, like=input), _empty(B, 6 * H, like=input)
 
 
 def _fake_gru_cell_backward(grad_hy, input, hx, w_ih, w_hh, workspace):
+    _one_device(input, grad_hy=grad_hy, hx=hx, w_ih=w_ih, w_hh=w_hh, workspace=workspace)
     G = w_hh.shape[0]
     return (torch.empty_like(input), torch.empty_like(hx), torch.empty_like(w_ih),
             torch.empty_like(w_hh), _empty(G, like=input), _empty(G, like=input))
 
 
 def _fake_rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh):
+    _one_device(input, hx=hx, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     return _empty(input.shape[0], w_hh.shape[1], like=input)
 
 
 def _fake_rnn_cell_backward(grad_hy, input, hx, hy, w_ih, w_hh, relu):
+    _one_device(input, grad_hy=grad_hy, hx=hx, hy=hy, w_ih=w_ih, w_hh=w_hh)
     return (torch.empty_like(input), torch.empty_like(hx), torch.empty_like(w_ih),
             torch.empty_like(w_hh), _empty(w_hh.shape[0], like=input))
 

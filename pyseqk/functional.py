@@ -54,11 +54,14 @@ def check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, gates, cx=None):
         raise RuntimeError(f"pyseqk: w_ih must have {gates * H} rows (gates * hidden_size), "
                            f"got shape {list(w_ih.shape)}")
     if input.shape[1] != w_ih.shape[1]:
-        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
+        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]} "
+                           f"(input is {list(input.shape)}, w_ih is {list(w_ih.shape)})")
     if input.shape[0] != hx.shape[0]:
-        raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden0 batch size {hx.shape[0]}")
+        raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden0 batch size {hx.shape[0]} "
+                           f"(input is {list(input.shape)}, hx is {list(hx.shape)})")
     if hx.shape[1] != H:
-        raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.shape[1]}, expected {H}")
+        raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.shape[1]}, expected {H} "
+                           f"(hx is {list(hx.shape)}, w_hh is {list(w_hh.shape)})")
     for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
         if b is not None and (b.dim() != 1 or b.shape[0] != gates * H):
             raise RuntimeError(f"pyseqk: {name} must have shape [{gates * H}], got {list(b.shape)}")

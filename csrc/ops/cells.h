@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <utility>
 
 #include "ops/checks.h"
 
@@ -32,18 +34,47 @@ inline DType check_cell(const at::Tensor& input, const at::Tensor& hx, const at:
               "], got ", w_hh.sizes());
   TORCH_CHECK(w_ih.size(0) == gates * H, "pyseqk: w_ih must have ", gates * H,
               " rows (gates * hidden_size), got shape ", w_ih.sizes());
+  // torch's words first (code that matches them keeps working), then the arguments involved.
   TORCH_CHECK(input.size(1) == w_ih.size(1), "input has inconsistent input_size: got ",
-              input.size(1), " expected ", w_ih.size(1));
+              input.size(1), " expected ", w_ih.size(1), " (input is ", input.sizes(),
+              ", w_ih is ", w_ih.sizes(), ")");
   TORCH_CHECK(input.size(0) == hx.size(0), "Input batch size ", input.size(0),
-              " doesn't match hidden0 batch size ", hx.size(0));
+              " doesn't match hidden0 batch size ", hx.size(0), " (input is ", input.sizes(),
+              ", hx is ", hx.sizes(), ")");
   TORCH_CHECK(hx.size(1) == H, "hidden0 has inconsistent hidden_size: got ", hx.size(1),
-              ", expected ", H);
+              ", expected ", H, " (hx is ", hx.sizes(), ", w_hh is ", w_hh.sizes(), ")");
   for (const auto* b : {&b_ih, &b_hh}) {
     if (!b->has_value() || !(*b)->defined()) continue;
     const char* name = b == &b_ih ? "b_ih" : "b_hh";
     check_same(input, "input", **b, name);
     TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == gates * H, "pyseqk: ", name,
                 " must have shape [", gates * H, "], got ", (*b)->sizes());
+  }
+  return dtype;
+}
+
+// The backward ops are public ops too (torch.ops.pyseqk.*_backward): every tensor the kernels
+// index is checked against the forward's shapes, so a wrong call raises instead of reading or
+// writing past a buffer.
+inline DType check_cell_backward(const at::Tensor& input, const at::Tensor& hx,
+                                 const at::Tensor& w_ih, const at::Tensor& w_hh, int64_t gates,
+                                 std::initializer_list<std::pair<const char*, const at::Tensor*>>
+                                     others,
+                                 std::initializer_list<std::pair<const char*, const at::Tensor*>>
+                                     workspaces,
+                                 int64_t ws_cols) {
+  const DType dtype = check_cell(input, hx, w_ih, w_hh, c10::nullopt, c10::nullopt, gates);
+  const int64_t B = input.size(0), H = hx.size(1);
+  for (const auto& [name, t] : others) {
+    if (!t->defined()) continue;
+    check_same(input, "input", *t, name);
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == H, "pyseqk: ", name,
+                " must have shape [", B, ", ", H, "], got ", t->sizes());
+  }
+  for (const auto& [name, t] : workspaces) {
+    check_same(input, "input", *t, name);
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == ws_cols * H, "pyseqk: ", name,
+                " must have shape [", B, ", ", ws_cols * H, "], got ", t->sizes());
   }
   return dtype;
 }
@@ -117,15 +148,18 @@ struct Cells {
   lstm_cell_backward(const OptTensor& grad_hy, const OptTensor& grad_cy, const at::Tensor& input,
                      const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& cy,
                      const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws) {
-    const DType dtype = to_dtype(input, "input");
+    const at::Tensor dhy = contig(grad_hy), dcy = contig(grad_cy);
+    const DType dtype = check_cell_backward(
+        input, hx, w_ih, w_hh, 4, {{"grad_hy", &dhy}, {"grad_cy", &dcy}, {"cx", &cx}, {"cy", &cy}},
+        {{"workspace", &ws}}, 4);
     typename K::Guard guard(input);
     const int64_t B = input.size(0), H = hx.size(1);
-    const at::Tensor dhy = contig(grad_hy), dcy = contig(grad_cy);
     at::Tensor dgates = at::empty({B, 4 * H}, input.options());
     at::Tensor dcx = at::empty({B, H}, input.options());
     if (B * H > 0) {
-      K::lstm_cell_backward(dtype, ws.data_ptr(), cx.contiguous().data_ptr(), cy.data_ptr(),
-                            ptr(dhy), ptr(dcy), dgates.data_ptr(), dcx.data_ptr(), B, H);
+      K::lstm_cell_backward(dtype, ws.contiguous().data_ptr(), cx.contiguous().data_ptr(),
+                            cy.contiguous().data_ptr(), ptr(dhy), ptr(dcy), dgates.data_ptr(),
+                            dcx.data_ptr(), B, H);
     }
     auto g = cell_gemm_backward(dgates, dgates, at::Tensor(), input, hx, w_ih, w_hh);
     return {std::get<0>(g), std::get<1>(g), dcx, std::get<2>(g), std::get<3>(g), std::get<4>(g)};
@@ -154,14 +188,15 @@ struct Cells {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
   gru_cell_backward(const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx,
                     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws) {
-    const DType dtype = to_dtype(input, "input");
+    const DType dtype = check_cell_backward(input, hx, w_ih, w_hh, 3, {{"grad_hy", &grad_hy}},
+                                            {{"workspace", &ws}}, 6);
     typename K::Guard guard(input);
     const int64_t B = input.size(0), H = hx.size(1);
     at::Tensor dgi = at::empty({B, 3 * H}, input.options());
     at::Tensor dgh = at::empty({B, 3 * H}, input.options());
     at::Tensor dh_direct = at::empty({B, H}, input.options());
     if (B * H > 0) {
-      K::gru_cell_backward(dtype, ws.data_ptr(), hx.contiguous().data_ptr(),
+      K::gru_cell_backward(dtype, ws.contiguous().data_ptr(), hx.contiguous().data_ptr(),
                            grad_hy.contiguous().data_ptr(), dgi.data_ptr(), dgh.data_ptr(),
                            dh_direct.data_ptr(), B, H);
     }
@@ -184,7 +219,8 @@ struct Cells {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_backward(
       const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx,
       const at::Tensor& hy, const at::Tensor& w_ih, const at::Tensor& w_hh, bool relu) {
-    const DType dtype = to_dtype(input, "input");
+    const DType dtype = check_cell_backward(input, hx, w_ih, w_hh, 1,
+                                            {{"grad_hy", &grad_hy}, {"hy", &hy}}, {}, 1);
     typename K::Guard guard(input);
     const int64_t B = input.size(0), H = hx.size(1);
     at::Tensor dpre = at::empty({B, H}, input.options());

@@ -21,6 +21,11 @@ inline std::string py_dtype(at::ScalarType t) {
     case at::kLong: return "torch.int64";
     case at::kInt: return "torch.int32";
     case at::kBool: return "torch.bool";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
     default: return std::string("torch.") + c10::toString(t);
   }
 }

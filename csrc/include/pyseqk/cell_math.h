@@ -21,7 +21,8 @@ template <>
 struct Act<float> {
   static PYSEQK_HD float sigmoid(float x) { return 1.0f / (1.0f + ::expf(-x)); }
   static PYSEQK_HD float tanh(float x) { return ::tanhf(x); }
-  static PYSEQK_HD float relu(float x) { return x > 0.0f ? x : 0.0f; }
+  // x < 0 ? 0 : x, not x > 0 ? x : 0: NaN passes through as in torch.relu.
+  static PYSEQK_HD float relu(float x) { return x < 0.0f ? 0.0f : x; }
   // d relu(x)/dx expressed through the output y = relu(x): 1 where y > 0.
   static PYSEQK_HD float relu_grad(float y, float g) { return y > 0.0f ? g : 0.0f; }
 };
@@ -30,7 +31,7 @@ template <>
 struct Act<double> {
   static PYSEQK_HD double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
   static PYSEQK_HD double tanh(double x) { return ::tanh(x); }
-  static PYSEQK_HD double relu(double x) { return x > 0.0 ? x : 0.0; }
+  static PYSEQK_HD double relu(double x) { return x < 0.0 ? 0.0 : x; }
   static PYSEQK_HD double relu_grad(double y, double g) { return y > 0.0 ? g : 0.0; }
 };
 
