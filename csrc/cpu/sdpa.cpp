@@ -1,0 +1,368 @@
+// Flash-style scaled-dot-product attention on the CPU: the scores are produced one
+// [query tile x key tile] block at a time by a small BLAS GEMM, folded into the output with an
+// online softmax (running max and sum per row, rescaling the accumulator when the max grows), and
+// never stored whole: extra memory is O(tiles), not O(L x S). The backward recomputes each block
+// of probabilities from the saved logsumexp.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "pyseqk/dropout_hash.h"
+#include "pyseqk/sdpa_kernels.h"
+
+namespace pyseqk {
+namespace cpu {
+namespace {
+
+// Tile sizes. A [kBlockQ x kBlockK] fp32 score block is 64 KiB; with the query tile, one key and
+// one value tile (D = 64: 32 KiB each) and the accumulator the working set stays in a 512 KiB L2.
+// 128-wide key tiles keep the causal waste (the upper half of each diagonal block) at 1/16 of
+// the causal work at N = 1024, against torch's 512-wide key blocks.
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockK = 128;
+
+}  // namespace
+}  // namespace cpu
+}  // namespace pyseqk
+
+// The BLAS that libtorch_cpu links (MKL in the x86 wheels) exports the Fortran GEMMs; the typed
+// at::native::cpublas::gemm overloads that call them are not exported to extensions. Declared
+// weak so that a torch built without BLAS still loads this library (and runs a plain loop).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace pyseqk {
+namespace cpu {
+namespace {
+
+// Row-major C[M x N] = alpha * op(A) op(B) + beta * C, through the column-major BLAS: a row-major
+// matrix is the column-major transpose, so C^T = op(B)^T op(A)^T with the operands swapped.
+// Sizes are tile sizes and leading dimensions row strides (the entry checks they fit an int).
+template <class T>
+inline void mm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+               int64_t lda, const T* Bm, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&ta, &tb, &m, &n, &k, &alpha, Bm, &la, A, &lb, &beta, C, &lc);
+  } else {
+    if (dgemm_) return dgemm_(&ta, &tb, &m, &n, &k, &alpha, Bm, &la, A, &lb, &beta, C, &lc);
+  }
+  // No BLAS in this torch: a plain loop (correct, slow; x86 and arm wheels all ship a BLAS).
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      T acc = T(0);
+      for (int64_t p = 0; p < K; ++p) {
+        acc += (trans_a ? A[p * lda + i] : A[i * lda + p]) * (trans_b ? Bm[j * ldb + p] : Bm[p * ldb + j]);
+      }
+      C[i * ldc + j] = alpha * acc + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
+    }
+  }
+}
+
+template <class T>
+using Vec = at::vec::Vectorized<T>;
+
+// A fast exp: float's exp_u20 (a degree-5 polynomial, 20 ulp, flushes x < ln(FLT_MIN) to 0 so
+// -inf gives 0) costs about a third of Sleef's exp; the softmax error it adds (~1e-6 relative)
+// is far below what the fp32 GEMMs already carry. double keeps the full-precision exp.
+template <class T>
+inline Vec<T> vexp(Vec<T> x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+template <class T>
+inline T row_max(const T* x, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  if (n >= W) {
+    Vec<T> vm = Vec<T>::loadu(x);
+    for (j = W; j + W <= n; j += W) vm = at::vec::maximum(vm, Vec<T>::loadu(x + j));
+    m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); },
+                                   vm);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - m) for j < n; returns the sum.
+template <class T>
+inline T exp_sub_sum(T* x, int64_t n, T m) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vm(m);
+  Vec<T> vs(T(0));
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec<T> e = vexp<T>(Vec<T>::loadu(x + j) - vm);
+    e.store(x + j);
+    vs = vs + e;
+  }
+  T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vs);
+  if (j < n) {
+    // the lanes past n hold exp(0 - m): store only the n - j real ones and sum those
+    vexp<T>(Vec<T>::loadu(x + j, n - j) - vm).store(x + j, n - j);
+    for (; j < n; ++j) s += x[j];
+  }
+  return s;
+}
+
+// x[j] = exp(x[j] - lse) for j < n (the backward's recomputed probabilities).
+template <class T>
+inline void exp_sub(T* x, int64_t n, T lse) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vl(lse);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) vexp<T>(Vec<T>::loadu(x + j) - vl).store(x + j);
+  if (j < n) vexp<T>(Vec<T>::loadu(x + j, n - j) - vl).store(x + j, n - j);
+}
+
+template <class T>
+inline void scale_row(T* x, int64_t n, T s) {
+  at::vec::map([s](Vec<T> v) { return v * Vec<T>(s); }, x, x, n);
+}
+
+// Adds the mask row (i, j0 .. j0+n) and -inf on the causally hidden columns j > i.
+template <class T>
+inline void mask_row(const SdpaArgs& a, const T* mask_bh, int64_t i, int64_t j0, int64_t n, T* x) {
+  if (mask_bh) {
+    const T* m = mask_bh + i * a.mask_stride[2] + j0 * a.mask_stride[3];
+    const int64_t ms = a.mask_stride[3];
+    if (ms == 1) {
+      at::vec::map2([](Vec<T> s, Vec<T> b) { return s + b; }, x, x, m, n);
+    } else {
+      for (int64_t j = 0; j < n; ++j) x[j] += m[j * ms];
+    }
+  }
+  if (a.is_causal) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for (int64_t j = std::max<int64_t>(0, i + 1 - j0); j < n; ++j) x[j] = ninf;
+  }
+}
+
+// Zeroes the dropped probabilities of row i (kept ones keep their value: the 1/(1-p) scaling is
+// applied once, to the output row in the forward and to the probabilities' gradient backward).
+template <class T>
+inline void drop_row(uint32_t row_key, uint32_t threshold, int64_t j0, int64_t n, T* x) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (!dropout::keep(row_key, static_cast<uint32_t>(j0 + j), threshold)) x[j] = T(0);
+  }
+}
+
+template <class T>
+const T* mask_base(const SdpaArgs& a, int64_t b, int64_t h) {
+  if (!a.mask) return nullptr;
+  return static_cast<const T*>(a.mask) + b * a.mask_stride[0] + h * a.mask_stride[1];
+}
+
+template <class T>
+void forward(const SdpaArgs& a, T* out, T* lse) {
+  const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev, group = a.Hq / a.Hk;
+  const int64_t nq = (L + kBlockQ - 1) / kBlockQ;
+  const T scale = static_cast<T>(a.scale);
+  const bool dropout = a.dropout_p > 0.0;
+  const uint32_t threshold = dropout::threshold(a.dropout_p);
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - a.dropout_p));
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const T* q = static_cast<const T*>(a.query);
+  const T* k = static_cast<const T*>(a.key);
+  const T* v = static_cast<const T*>(a.value);
+
+  at::parallel_for(0, a.B * a.Hq * nq, 1, [&](int64_t begin, int64_t end) {
+    // Scratch for the whole chunk of tiles this thread runs: allocated once, not per tile.
+    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * Ev), m(kBlockQ), l(kBlockQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % nq, bh = t / nq, b = bh / a.Hq, h = bh % a.Hq, hk = h / group;
+      const int64_t i0 = qb * kBlockQ, mq = std::min(kBlockQ, L - i0);
+      const T* Q = q + b * a.sq.b + h * a.sq.h + i0 * a.sq.row;
+      const T* K = k + b * a.sk.b + hk * a.sk.h;
+      const T* V = v + b * a.sv.b + hk * a.sv.h;
+      const T* mask_bh = mask_base<T>(a, b, h);
+      std::fill(acc.begin(), acc.begin() + mq * Ev, T(0));
+      std::fill(m.begin(), m.end(), ninf);
+      std::fill(l.begin(), l.end(), T(0));
+      // Causal: keys past the tile's last row are hidden from every row of it.
+      const int64_t kend = a.is_causal ? std::min(S, i0 + mq) : S;
+      for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, kend - j0);
+        mm<T>(false, true, mq, nk, E, scale, Q, a.sq.row, K + j0 * a.sk.row, a.sk.row, T(0),
+              scores.data(), kBlockK);
+        for (int64_t r = 0; r < mq; ++r) {
+          const int64_t i = i0 + r;
+          T* x = scores.data() + r * kBlockK;
+          mask_row<T>(a, mask_bh, i, j0, nk, x);
+          const T m_new = std::max(m[r], row_max(x, nk));
+          if (m_new == ninf) {  // nothing to attend in this row so far
+            std::fill(x, x + nk, T(0));
+            continue;
+          }
+          const T alpha = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
+          l[r] = l[r] * alpha + exp_sub_sum(x, nk, m_new);
+          m[r] = m_new;
+          if (alpha != T(1)) scale_row(acc.data() + r * Ev, Ev, alpha);
+          if (dropout) {
+            drop_row(dropout::row_key(a.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i)),
+                     threshold, j0, nk, x);
+          }
+        }
+        mm<T>(false, false, mq, Ev, nk, T(1), scores.data(), kBlockK, V + j0 * a.sv.row,
+              a.sv.row, T(1), acc.data(), Ev);
+      }
+      T* O = out + (bh * L + i0) * Ev;
+      T* lse_row = lse + bh * L + i0;
+      for (int64_t r = 0; r < mq; ++r) {
+        if (l[r] > T(0)) {
+          const T inv = (dropout ? keep_scale : T(1)) / l[r];
+          at::vec::map([inv](Vec<T> x) { return x * Vec<T>(inv); }, O + r * Ev,
+                       acc.data() + r * Ev, Ev);
+          lse_row[r] = m[r] + std::log(l[r]);
+        } else {
+          std::fill(O + r * Ev, O + (r + 1) * Ev, T(0));
+          lse_row[r] = std::numeric_limits<T>::infinity();
+        }
+      }
+    }
+  });
+}
+
+// Parallel over (batch, key/value head): a task owns dK and dV of its head and dQ of the query
+// heads that read it, so every gradient is accumulated by one thread in a fixed order
+// (deterministic, independent of the thread count) with the minimum of 5 GEMMs per block.
+template <class T>
+void backward(const SdpaArgs& a, const T* dout, SdpaStrides sdo, const T* out, SdpaStrides so,
+              const T* lse, T* dq, T* dk, T* dv) {
+  const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev, group = a.Hq / a.Hk;
+  const T scale = static_cast<T>(a.scale);
+  const bool dropout = a.dropout_p > 0.0;
+  const uint32_t threshold = dropout::threshold(a.dropout_p);
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - a.dropout_p));
+  const T* q = static_cast<const T*>(a.query);
+  const T* k = static_cast<const T*>(a.key);
+  const T* v = static_cast<const T*>(a.value);
+
+  at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> p(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), pd(dropout ? kBlockQ * kBlockK : 0);
+    std::vector<T> delta(group * L);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / a.Hk, hk = t % a.Hk;
+      const T* K = k + b * a.sk.b + hk * a.sk.h;
+      const T* V = v + b * a.sv.b + hk * a.sv.h;
+      T* dK = dk + t * S * E;
+      T* dV = dv + t * S * Ev;
+      std::fill(dK, dK + S * E, T(0));
+      std::fill(dV, dV + S * Ev, T(0));
+      // delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax backward's row term.
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        std::fill(dq + (b * a.Hq + h) * L * E, dq + (b * a.Hq + h + 1) * L * E, T(0));
+        for (int64_t i = 0; i < L; ++i) {
+          const T* dO = dout + b * sdo.b + h * sdo.h + i * sdo.row;
+          const T* O = out + b * so.b + h * so.h + i * so.row;
+          delta[g * L + i] = at::vec::map2_reduce_all<T>(
+              [](Vec<T> x, Vec<T> y) { return x * y; },
+              [](Vec<T> x, Vec<T> y) { return x + y; }, dO, O, Ev);
+        }
+      }
+      for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, S - j0);
+        const T* Kt = K + j0 * a.sk.row;
+        const T* Vt = V + j0 * a.sv.row;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = hk * group + g, bh = b * a.Hq + h;
+          const T* mask_bh = mask_base<T>(a, b, h);
+          // Causal: rows i < j0 see none of this tile's keys.
+          for (int64_t i0 = a.is_causal ? j0 : 0; i0 < L; i0 += kBlockQ) {
+            const int64_t mq = std::min(kBlockQ, L - i0);
+            const T* Q = q + b * a.sq.b + h * a.sq.h + i0 * a.sq.row;
+            const T* dO = dout + b * sdo.b + h * sdo.h + i0 * sdo.row;
+            T* dQ = dq + (bh * L + i0) * E;
+            mm<T>(false, true, mq, nk, E, scale, Q, a.sq.row, Kt, a.sk.row, T(0), p.data(),
+                  kBlockK);
+            for (int64_t r = 0; r < mq; ++r) {
+              T* x = p.data() + r * kBlockK;
+              mask_row<T>(a, mask_bh, i0 + r, j0, nk, x);
+              exp_sub<T>(x, nk, lse[bh * L + i0 + r]);
+              if (dropout) {
+                T* y = pd.data() + r * kBlockK;
+                std::copy(x, x + nk, y);
+                drop_row(dropout::row_key(a.seed, static_cast<uint32_t>(bh),
+                                          static_cast<uint32_t>(i0 + r)),
+                         threshold, j0, nk, y);
+              }
+            }
+            // dV += (P * keep / (1 - p))^T dO
+            mm<T>(true, false, nk, Ev, mq, dropout ? keep_scale : T(1),
+                  dropout ? pd.data() : p.data(), kBlockK, dO, sdo.row, T(1), dV + j0 * Ev, Ev);
+            // dP = dO V^T (times keep / (1 - p)); dS = P * (dP - delta), in place of dP
+            mm<T>(false, true, mq, nk, Ev, T(1), dO, sdo.row, Vt, a.sv.row, T(0), dp.data(),
+                  kBlockK);
+            for (int64_t r = 0; r < mq; ++r) {
+              T* d = dp.data() + r * kBlockK;
+              const T* x = p.data() + r * kBlockK;
+              const Vec<T> dl(delta[g * L + i0 + r]);
+              if (dropout) {
+                const T* y = pd.data() + r * kBlockK;
+                // P * keep = pd, so P * dP * keep / (1-p) = pd * dP / (1-p)
+                const Vec<T> ks(keep_scale);
+                at::vec::map3([ks, dl](Vec<T> dpv, Vec<T> pv, Vec<T> pdv) {
+                  return pdv * dpv * ks - pv * dl;
+                }, d, d, x, y, nk);
+              } else {
+                at::vec::map2([dl](Vec<T> dpv, Vec<T> pv) { return pv * (dpv - dl); }, d, d, x,
+                              nk);
+              }
+            }
+            // dQ += scale * dS K; dK += scale * dS^T Q
+            mm<T>(false, false, mq, E, nk, scale, dp.data(), kBlockK, Kt, a.sk.row, T(1), dQ, E);
+            mm<T>(true, false, nk, E, mq, scale, dp.data(), kBlockK, Q, a.sq.row, T(1),
+                  dK + j0 * E, E);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void sdpa_forward(DType dtype, const SdpaArgs& a, void* out, void* lse) {
+  if (dtype == DType::kFloat64) {
+    forward<double>(a, static_cast<double*>(out), static_cast<double*>(lse));
+  } else {
+    forward<float>(a, static_cast<float*>(out), static_cast<float*>(lse));
+  }
+}
+
+void sdpa_backward(DType dtype, const SdpaArgs& a, const void* grad_out, SdpaStrides sdo,
+                   const void* out, SdpaStrides so, const void* lse, void* grad_query,
+                   void* grad_key, void* grad_value) {
+  if (dtype == DType::kFloat64) {
+    backward<double>(a, static_cast<const double*>(grad_out), sdo, static_cast<const double*>(out),
+                     so, static_cast<const double*>(lse), static_cast<double*>(grad_query), static_cast<double*>(grad_key),
+                     static_cast<double*>(grad_value));
+  } else {
+    backward<float>(a, static_cast<const float*>(grad_out), sdo, static_cast<const float*>(out), so,
+                    static_cast<const float*>(lse), static_cast<float*>(grad_query), static_cast<float*>(grad_key),
+                    static_cast<float*>(grad_value));
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyseqk
