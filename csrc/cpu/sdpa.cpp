@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -23,8 +24,10 @@ namespace {
 // one value tile (D = 64: 32 KiB each) and the accumulator the working set stays in a 512 KiB L2.
 // 128-wide key tiles keep the causal waste (the upper half of each diagonal block) at 1/16 of
 // the causal work at N = 1024, against torch's 512-wide key blocks.
-constexpr int64_t kBlockQ = 128;
-constexpr int64_t kBlockK = 128;
+inline int64_t tune(const char* name, int64_t fallback) {  // TUNING ONLY (removed after)
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : fallback;
+}
 
 }  // namespace
 }  // namespace cpu
@@ -40,11 +43,27 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's C API (mkl_set_num_threads_local is a macro for it; the lowercase symbol is the
+// Fortran one, taking a pointer).
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
 namespace pyseqk {
 namespace cpu {
 namespace {
+
+// The tile GEMMs are far too small to split: MKL must run them on the calling thread. Inside
+// at::parallel_for's OpenMP region it does so by itself; when the range runs on the caller alone
+// (one task), MKL would otherwise fork its own threads for every 128 x 128 tile.
+struct SequentialBlas {
+  int previous = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
 
 // Row-major C[M x N] = alpha * op(A) op(B) + beta * C, through the column-major BLAS: a row-major
 // matrix is the column-major transpose, so C^T = op(B)^T op(A)^T with the operands swapped.
@@ -174,6 +193,7 @@ const T* mask_base(const SdpaArgs& a, int64_t b, int64_t h) {
 
 template <class T>
 void forward(const SdpaArgs& a, T* out, T* lse) {
+  const int64_t kBlockQ = tune("SDPA_BQ", 128), kBlockK = tune("SDPA_BK", 128);
   const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev, group = a.Hq / a.Hk;
   const int64_t nq = (L + kBlockQ - 1) / kBlockQ;
   const T scale = static_cast<T>(a.scale);
@@ -186,6 +206,7 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
   const T* v = static_cast<const T*>(a.value);
 
   at::parallel_for(0, a.B * a.Hq * nq, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
     // Scratch for the whole chunk of tiles this thread runs: allocated once, not per tile.
     std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * Ev), m(kBlockQ), l(kBlockQ);
     for (int64_t t = begin; t < end; ++t) {
@@ -248,6 +269,7 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
 template <class T>
 void backward(const SdpaArgs& a, const T* dout, SdpaStrides sdo, const T* out, SdpaStrides so,
               const T* lse, T* dq, T* dk, T* dv) {
+  const int64_t kBlockQ = tune("SDPA_BBQ", 128), kBlockK = tune("SDPA_BBK", 128);
   const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev, group = a.Hq / a.Hk;
   const T scale = static_cast<T>(a.scale);
   const bool dropout = a.dropout_p > 0.0;
@@ -258,6 +280,7 @@ void backward(const SdpaArgs& a, const T* dout, SdpaStrides sdo, const T* out, S
   const T* v = static_cast<const T*>(a.value);
 
   at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
     std::vector<T> p(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), pd(dropout ? kBlockQ * kBlockK : 0);
     std::vector<T> delta(group * L);
     for (int64_t t = begin; t < end; ++t) {
