@@ -446,3 +446,29 @@ def test_sdpa_memory_is_linear():
     assert res.returncode == 0, res.stderr
     grown = int(res.stdout.strip().splitlines()[-1])
     assert grown < 32 * 2 ** 20, f"peak RSS grew by {grown / 2 ** 20:.1f} MiB"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_strided_inputs(backend):
+    """[B, L, H, E] storage viewed as [B, H, L, E] (the usual projection layout), a sliced key and
+    a value with a non-unit last stride: read through their strides, same result."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 4, 6, generator=g).transpose(1, 2)
+    k = torch.randn(2, 11, 2, 8, generator=g).transpose(1, 2)[..., :6]
+    v = torch.randn(2, 2, 5, 11, generator=g).transpose(-1, -2)
+    mask = torch.randn(9, 11)
+    with pyseqk.use_backend(backend):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    ref = R.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask.double(),
+                                         enable_gqa=True)
+    assert max_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_empty(backend):
+    q, k, v = make_qkv((2,), 2, 2, 3, 4, 5, 6, torch.float32)
+    with pyseqk.use_backend(backend):
+        assert F.scaled_dot_product_attention(q[:, :, :0], k, v).shape == (2, 2, 0, 6)
+        assert F.scaled_dot_product_attention(q[:0], k[:0], v[:0]).shape == (0, 2, 3, 6)
+        empty_keys = F.scaled_dot_product_attention(q, k[:, :, :0], v[:, :, :0])
+    assert empty_keys.shape == (2, 2, 3, 6) and (empty_keys == 0).all()  # nothing to attend
