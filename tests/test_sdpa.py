@@ -472,3 +472,25 @@ def test_sdpa_empty(backend):
         assert F.scaled_dot_product_attention(q[:0], k[:0], v[:0]).shape == (0, 2, 3, 6)
         empty_keys = F.scaled_dot_product_attention(q, k[:, :, :0], v[:, :, :0])
     assert empty_keys.shape == (2, 2, 3, 6) and (empty_keys == 0).all()  # nothing to attend
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_backward_deterministic_across_threads(causal):
+    """The CPU backward picks its schedule by the thread count (per kv head with enough heads,
+    split over key tiles and then query tiles otherwise); every gradient element is summed in
+    the same order in both, so the results are bitwise equal."""
+    q, k, v = make_qkv((1,), 4, 2, 300, 260, 16, 8, torch.float32)
+    go = torch.randn(1, 4, 300, 8)
+    args = (None, 0.2, causal, 0.3, 11)
+    out, lse = torch.ops.pyseqk.sdpa(q, k, v, *args)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 4):  # B*Hk = 2: fused on 1 thread, split on 2 and 4
+            torch.set_num_threads(n)
+            grads.append(torch.ops.pyseqk.sdpa_backward(go, q, k, v, out, lse, *args))
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)

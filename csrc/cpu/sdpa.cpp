@@ -264,101 +264,152 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
   });
 }
 
-// Parallel over (batch, key/value head): a task owns dK and dV of its head and dQ of the query
-// heads that read it, so every gradient is accumulated by one thread in a fixed order
-// (deterministic, independent of the thread count) with the minimum of 5 GEMMs per block.
+// One [query tile x key tile] block of the backward: recomputes P = exp(S - lse), then
+// dV += P_d^T dO, dP = dO V^T, dS = P * (dP_d - delta), and adds dS's contributions to dK (with
+// dkdv) and to dQ (with dq_rows). P_d = P * keep / (1 - p) is the dropped P of the forward.
+template <class T>
+struct BwdBlock {
+  const SdpaArgs& a;
+  const T* dout;
+  SdpaStrides sdo;
+  const T* lse;
+  const T* delta;  // [B * Hq * L]
+  T* dk;
+  T* dv;
+  T *p, *dp, *pd;  // scratch [kBwdBlockQ x kBwdBlockK] each (pd only with dropout)
+
+  void operator()(int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nk, bool dkdv,
+                  T* dq_rows) const {
+    constexpr int64_t ld = kBwdBlockK;
+    const int64_t L = a.L, E = a.E, Ev = a.Ev, hk = h / (a.Hq / a.Hk), bh = b * a.Hq + h;
+    const T scale = static_cast<T>(a.scale);
+    const bool dropout = a.dropout_p > 0.0;
+    const T keep_scale = static_cast<T>(1.0 / (1.0 - a.dropout_p));
+    const T* Q = static_cast<const T*>(a.query) + b * a.sq.b + h * a.sq.h + i0 * a.sq.row;
+    const T* K = static_cast<const T*>(a.key) + b * a.sk.b + hk * a.sk.h + j0 * a.sk.row;
+    const T* V = static_cast<const T*>(a.value) + b * a.sv.b + hk * a.sv.h + j0 * a.sv.row;
+    const T* dO = dout + b * sdo.b + h * sdo.h + i0 * sdo.row;
+    const T* mask_bh = mask_base<T>(a, b, h);
+    mm<T>(false, true, mq, nk, E, scale, Q, a.sq.row, K, a.sk.row, T(0), p, ld);
+    for (int64_t r = 0; r < mq; ++r) {
+      T* x = p + r * ld;
+      mask_row<T>(a, mask_bh, i0 + r, j0, nk, x);
+      exp_sub<T>(x, nk, lse[bh * L + i0 + r]);
+      if (dropout) {
+        T* y = pd + r * ld;
+        std::copy(x, x + nk, y);
+        drop_row(dropout::row_key(a.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i0 + r)),
+                 dropout::threshold(a.dropout_p), j0, nk, y);
+      }
+    }
+    if (dkdv) {
+      T* dV = dv + ((b * a.Hk + hk) * a.S + j0) * Ev;
+      mm<T>(true, false, nk, Ev, mq, dropout ? keep_scale : T(1), dropout ? pd : p, ld, dO,
+            sdo.row, T(1), dV, Ev);
+    }
+    mm<T>(false, true, mq, nk, Ev, T(1), dO, sdo.row, V, a.sv.row, T(0), dp, ld);
+    for (int64_t r = 0; r < mq; ++r) {
+      T* d = dp + r * ld;
+      const T* x = p + r * ld;
+      const Vec<T> dl(delta[bh * L + i0 + r]);
+      if (dropout) {
+        // P * dP * keep / (1 - p) = P_d * dP: the dropped P carries the mask and the scale
+        const Vec<T> ks(keep_scale);
+        at::vec::map3([ks, dl](Vec<T> dpv, Vec<T> pv, Vec<T> pdv) { return pdv * dpv * ks - pv * dl; },
+                      d, d, x, pd + r * ld, nk);
+      } else {
+        at::vec::map2([dl](Vec<T> dpv, Vec<T> pv) { return pv * (dpv - dl); }, d, d, x, nk);
+      }
+    }
+    if (dq_rows) mm<T>(false, false, mq, E, nk, scale, dp, ld, K, a.sk.row, T(1), dq_rows, E);
+    if (dkdv) {
+      T* dK = dk + ((b * a.Hk + hk) * a.S + j0) * E;
+      mm<T>(true, false, nk, E, mq, scale, dp, ld, Q, a.sq.row, T(1), dK, E);
+    }
+  }
+};
+
+// Two deterministic schedules (each gradient element is accumulated by one thread, over key
+// tiles or query tiles in ascending order, whatever the thread count):
+// - fused, when there are enough (batch, kv head) pairs to share out: a task owns dK and dV of
+//   its kv head and dQ of the query heads that read it: 5 GEMMs per block;
+// - split, when there are too few (a single sequence and head would run on one core): dK and dV
+//   in parallel over (batch, kv head, key tile), then dQ in parallel over (batch, query head,
+//   query tile), recomputing P and dS: 7 GEMMs per block, but every core busy.
 template <class T>
 void backward(const SdpaArgs& a, const T* dout, SdpaStrides sdo, const T* out, SdpaStrides so,
               const T* lse, T* dq, T* dk, T* dv) {
-  constexpr int64_t kBlockQ = kBwdBlockQ, kBlockK = kBwdBlockK;
+  constexpr int64_t BQ = kBwdBlockQ, BK = kBwdBlockK;
   const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev, group = a.Hq / a.Hk;
-  const T scale = static_cast<T>(a.scale);
+  const int64_t nq = (L + BQ - 1) / BQ, nk_tiles = (S + BK - 1) / BK;
   const bool dropout = a.dropout_p > 0.0;
-  const uint32_t threshold = dropout::threshold(a.dropout_p);
-  const T keep_scale = static_cast<T>(1.0 / (1.0 - a.dropout_p));
-  const T* q = static_cast<const T*>(a.query);
-  const T* k = static_cast<const T*>(a.key);
-  const T* v = static_cast<const T*>(a.value);
-
-  at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t begin, int64_t end) {
-    SequentialBlas sequential;
-    std::vector<T> p(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), pd(dropout ? kBlockQ * kBlockK : 0);
-    std::vector<T> delta(group * L);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / a.Hk, hk = t % a.Hk;
-      const T* K = k + b * a.sk.b + hk * a.sk.h;
-      const T* V = v + b * a.sv.b + hk * a.sv.h;
-      T* dK = dk + t * S * E;
-      T* dV = dv + t * S * Ev;
-      std::fill(dK, dK + S * E, T(0));
-      std::fill(dV, dV + S * Ev, T(0));
-      // delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax backward's row term.
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = hk * group + g;
-        std::fill(dq + (b * a.Hq + h) * L * E, dq + (b * a.Hq + h + 1) * L * E, T(0));
-        for (int64_t i = 0; i < L; ++i) {
-          const T* dO = dout + b * sdo.b + h * sdo.h + i * sdo.row;
-          const T* O = out + b * so.b + h * so.h + i * so.row;
-          delta[g * L + i] = at::vec::map2_reduce_all<T>(
-              [](Vec<T> x, Vec<T> y) { return x * y; },
-              [](Vec<T> x, Vec<T> y) { return x + y; }, dO, O, Ev);
-        }
+  // delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax backward's row term: O(L).
+  std::vector<T> delta(a.B * a.Hq * L);
+  at::parallel_for(0, a.B * a.Hq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / a.Hq, h = bh % a.Hq;
+      for (int64_t i = 0; i < L; ++i) {
+        delta[bh * L + i] = at::vec::map2_reduce_all<T>(
+            [](Vec<T> x, Vec<T> y) { return x * y; }, [](Vec<T> x, Vec<T> y) { return x + y; },
+            dout + b * sdo.b + h * sdo.h + i * sdo.row, out + b * so.b + h * so.h + i * so.row, Ev);
       }
-      for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, S - j0);
-        const T* Kt = K + j0 * a.sk.row;
-        const T* Vt = V + j0 * a.sv.row;
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = hk * group + g, bh = b * a.Hq + h;
-          const T* mask_bh = mask_base<T>(a, b, h);
-          // Causal: rows i < j0 see none of this tile's keys.
-          for (int64_t i0 = a.is_causal ? j0 : 0; i0 < L; i0 += kBlockQ) {
-            const int64_t mq = std::min(kBlockQ, L - i0);
-            const T* Q = q + b * a.sq.b + h * a.sq.h + i0 * a.sq.row;
-            const T* dO = dout + b * sdo.b + h * sdo.h + i0 * sdo.row;
-            T* dQ = dq + (bh * L + i0) * E;
-            mm<T>(false, true, mq, nk, E, scale, Q, a.sq.row, Kt, a.sk.row, T(0), p.data(),
-                  kBlockK);
-            for (int64_t r = 0; r < mq; ++r) {
-              T* x = p.data() + r * kBlockK;
-              mask_row<T>(a, mask_bh, i0 + r, j0, nk, x);
-              exp_sub<T>(x, nk, lse[bh * L + i0 + r]);
-              if (dropout) {
-                T* y = pd.data() + r * kBlockK;
-                std::copy(x, x + nk, y);
-                drop_row(dropout::row_key(a.seed, static_cast<uint32_t>(bh),
-                                          static_cast<uint32_t>(i0 + r)),
-                         threshold, j0, nk, y);
-              }
+    }
+  });
+  std::fill(dq, dq + a.B * a.Hq * L * E, T(0));
+  std::fill(dk, dk + a.B * a.Hk * S * E, T(0));
+  std::fill(dv, dv + a.B * a.Hk * S * Ev, T(0));
+  auto scratch = [&](std::vector<T>& buf) {
+    buf.resize((dropout ? 3 : 2) * BQ * BK);
+    return BwdBlock<T>{a, dout, sdo, lse, delta.data(), dk, dv, buf.data(), buf.data() + BQ * BK,
+                       dropout ? buf.data() + 2 * BQ * BK : nullptr};
+  };
+  // Causal: query rows i < j0 see none of key tile j0's keys.
+  auto first_query_row = [&](int64_t j0) { return a.is_causal ? j0 : int64_t(0); };
+
+  if (a.B * a.Hk >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlas sequential;
+      std::vector<T> buf;
+      const BwdBlock<T> block = scratch(buf);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / a.Hk, hk = t % a.Hk;
+        for (int64_t j0 = 0; j0 < S; j0 += BK) {
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = hk * group + g;
+            for (int64_t i0 = first_query_row(j0); i0 < L; i0 += BQ) {
+              block(b, h, i0, std::min(BQ, L - i0), j0, std::min(BK, S - j0), true,
+                    dq + ((b * a.Hq + h) * L + i0) * E);
             }
-            // dV += (P * keep / (1 - p))^T dO
-            mm<T>(true, false, nk, Ev, mq, dropout ? keep_scale : T(1),
-                  dropout ? pd.data() : p.data(), kBlockK, dO, sdo.row, T(1), dV + j0 * Ev, Ev);
-            // dP = dO V^T (times keep / (1 - p)); dS = P * (dP - delta), in place of dP
-            mm<T>(false, true, mq, nk, Ev, T(1), dO, sdo.row, Vt, a.sv.row, T(0), dp.data(),
-                  kBlockK);
-            for (int64_t r = 0; r < mq; ++r) {
-              T* d = dp.data() + r * kBlockK;
-              const T* x = p.data() + r * kBlockK;
-              const Vec<T> dl(delta[g * L + i0 + r]);
-              if (dropout) {
-                const T* y = pd.data() + r * kBlockK;
-                // P * keep = pd, so P * dP * keep / (1-p) = pd * dP / (1-p)
-                const Vec<T> ks(keep_scale);
-                at::vec::map3([ks, dl](Vec<T> dpv, Vec<T> pv, Vec<T> pdv) {
-                  return pdv * dpv * ks - pv * dl;
-                }, d, d, x, y, nk);
-              } else {
-                at::vec::map2([dl](Vec<T> dpv, Vec<T> pv) { return pv * (dpv - dl); }, d, d, x,
-                              nk);
-              }
-            }
-            // dQ += scale * dS K; dK += scale * dS^T Q
-            mm<T>(false, false, mq, E, nk, scale, dp.data(), kBlockK, Kt, a.sk.row, T(1), dQ, E);
-            mm<T>(true, false, nk, E, mq, scale, dp.data(), kBlockK, Q, a.sq.row, T(1),
-                  dK + j0 * E, E);
           }
         }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, a.B * a.Hk * nk_tiles, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
+    std::vector<T> buf;
+    const BwdBlock<T> block = scratch(buf);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j0 = (t % nk_tiles) * BK, b = t / nk_tiles / a.Hk, hk = t / nk_tiles % a.Hk;
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t i0 = first_query_row(j0); i0 < L; i0 += BQ) {
+          block(b, hk * group + g, i0, std::min(BQ, L - i0), j0, std::min(BK, S - j0), true,
+                nullptr);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, a.B * a.Hq * nq, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
+    std::vector<T> buf;
+    const BwdBlock<T> block = scratch(buf);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = (t % nq) * BQ, bh = t / nq, b = bh / a.Hq, h = bh % a.Hq;
+      const int64_t mq = std::min(BQ, L - i0);
+      const int64_t kend = a.is_causal ? std::min(S, i0 + mq) : S;
+      for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+        block(b, h, i0, mq, j0, std::min(BK, S - j0), false, dq + (bh * L + i0) * E);
       }
     }
   });
