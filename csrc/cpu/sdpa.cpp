@@ -22,8 +22,9 @@ namespace {
 // Tile sizes. Forward: a [128 x 256] fp32 score block is 128 KiB; with the query tile (32 KiB at
 // D = 64), one key and one value tile (64 KiB each) and the accumulator (32 KiB) the working set
 // stays in a 512 KiB L2. The causal waste does not grow with the key tile: the key range of a
-// query tile is cut at its last row, so only the upper half of the 128 x 128 diagonal block is
-// wasted (1/16 of the causal work at N = 1024, against ~1/2 for torch's 256 x 512 blocks).
+// query tile is cut at its last row, and its 128 x 128 diagonal block runs in two row halves,
+// wasting a quarter of it (1/32 of the causal work at N = 1024; torch's 256 x 512 blocks waste
+// half of a 256 x 256 block per query block, 1/4).
 // Backward: four score-sized tiles (P, dP/dS, and the dropped P) live at once: 128 x 128.
 constexpr int64_t kBlockQ = 128, kBlockK = 256;    // forward
 constexpr int64_t kBwdBlockQ = 128, kBwdBlockK = 128;  // backward: four tiles live at once
@@ -220,13 +221,12 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
       std::fill(acc.begin(), acc.begin() + mq * Ev, T(0));
       std::fill(m.begin(), m.end(), ninf);
       std::fill(l.begin(), l.end(), T(0));
-      // Causal: keys past the tile's last row are hidden from every row of it.
-      const int64_t kend = a.is_causal ? std::min(S, i0 + mq) : S;
-      for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, kend - j0);
-        mm<T>(false, true, mq, nk, E, scale, Q, a.sq.row, K + j0 * a.sk.row, a.sk.row, T(0),
-              scores.data(), kBlockK);
-        for (int64_t r = 0; r < mq; ++r) {
+      // Rows [r0, r1) of the tile against keys [j0, j0 + nk): scores, online softmax, P V.
+      auto block = [&](int64_t r0, int64_t r1, int64_t j0, int64_t nk) {
+        T* sc = scores.data() + r0 * kBlockK;
+        mm<T>(false, true, r1 - r0, nk, E, scale, Q + r0 * a.sq.row, a.sq.row, K + j0 * a.sk.row,
+              a.sk.row, T(0), sc, kBlockK);
+        for (int64_t r = r0; r < r1; ++r) {
           const int64_t i = i0 + r;
           T* x = scores.data() + r * kBlockK;
           mask_row<T>(a, mask_bh, i, j0, nk, x);
@@ -244,8 +244,18 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
                      threshold, j0, nk, x);
           }
         }
-        mm<T>(false, false, mq, Ev, nk, T(1), scores.data(), kBlockK, V + j0 * a.sv.row,
-              a.sv.row, T(1), acc.data(), Ev);
+        mm<T>(false, false, r1 - r0, Ev, nk, T(1), sc, kBlockK, V + j0 * a.sv.row, a.sv.row, T(1),
+              acc.data() + r0 * Ev, Ev);
+      };
+      // Causal: keys before the tile's first row are seen by all its rows; keys past its last
+      // row by none. The diagonal block in between goes in two halves of rows, the first half
+      // against the first half of its keys only: a quarter of the block is never computed.
+      const int64_t kfull = a.is_causal ? std::min(S, i0) : S;
+      for (int64_t j0 = 0; j0 < kfull; j0 += kBlockK) block(0, mq, j0, std::min(kBlockK, kfull - j0));
+      if (a.is_causal && i0 < S) {
+        const int64_t half = (mq + 1) / 2;
+        block(0, half, i0, std::min(S, i0 + half) - i0);
+        if (half < mq) block(half, mq, i0, std::min(S, i0 + mq) - i0);
       }
       T* O = out + (bh * L + i0) * Ev;
       T* lse_row = lse + bh * L + i0;
