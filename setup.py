@@ -9,6 +9,7 @@ Environment:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -69,6 +70,10 @@ def main():
 
     sources = sorted(glob.glob("csrc/ops/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", f"-DPYSEQK_CPU_ISA=\"{isa}\""]
+    # at::parallel_for is a header template: without -fopenmp (_OPENMP undefined) it runs the
+    # whole range on the calling thread. libgomp.so.1 is the one torch already loaded.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx += openmp
     if isa == "avx2":
         # ATen's Vectorized picks its implementation from these macros; without them it is scalar.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
@@ -83,12 +88,12 @@ def main():
         nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-Xptxas=-v", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(
             "pyseqk._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}, extra_link_args=openmp,
         )
     else:
         ext = cpp_extension.CppExtension(
             "pyseqk._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx},
+            extra_compile_args={"cxx": cxx}, extra_link_args=openmp,
         )
 
     setup(

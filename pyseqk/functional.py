@@ -142,12 +142,135 @@ def rnn_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tenso
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention.
+# Attention: scaled dot-product (fused op torch.ops.pyseqk.sdpa; pyseqk/_sdpa_ops.py registers its
+# fake kernel and autograd, pyseqk/_triton_sdpa_ops.py its Triton twin triton_sdpa).
+
+from . import _sdpa_ops  # noqa: E402,F401  (fake kernel and autograd of torch.ops.pyseqk.sdpa)
+
+_triton_sdpa_loaded = False
+
+
+def _triton_sdpa():
+    global _triton_sdpa_loaded
+    if not _triton_sdpa_loaded:
+        try:
+            from . import _triton_sdpa_ops  # noqa: F401  (defines torch.ops.pyseqk.triton_sdpa)
+        except ImportError as e:
+            raise backends.BackendError(
+                f"backend 'triton' has no scaled_dot_product_attention in this build: "
+                f"pyseqk._triton_sdpa_ops could not be imported ({e})") from e
+        _triton_sdpa_loaded = True
+    return torch.ops.pyseqk.triton_sdpa
+
+
+def _heads(t: Tensor) -> int:
+    return t.shape[-3] if t.dim() >= 3 else 1
+
+
+def check_sdpa(query, key, value, attn_mask, dropout_p, enable_gqa):
+    """Checks of scaled_dot_product_attention's arguments, including the inconsistencies that
+    torch.nn.functional's version accepts and then computes garbage for."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"pyseqk: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise RuntimeError(f"pyseqk: {name} must have at least 2 dimensions [..., seq, embed], "
+                               f"got shape {list(t.shape)}")
+    if query.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"pyseqk: query must be float32, float64, float16 or bfloat16, got {query.dtype}")
+    for name, t in (("key", key), ("value", value)):
+        if t.device != query.device:
+            raise RuntimeError(f"pyseqk: {name} is on {t.device} but query is on {query.device}; "
+                               "expected all tensors on one device")
+        if t.dtype != query.dtype:
+            raise TypeError(f"pyseqk: {name} has dtype {t.dtype} but query has dtype {query.dtype}; "
+                            "expected one dtype")
+        if t.dim() != query.dim():
+            raise RuntimeError(f"pyseqk: {name} must have as many dimensions as query "
+                               f"({query.dim()}), got shape {list(t.shape)}")
+        if t.shape[:-3] != query.shape[:-3]:
+            raise RuntimeError(f"pyseqk: {name} must have the query's batch dimensions "
+                               f"{list(query.shape[:-3])}, got shape {list(t.shape)}")
+    if key.shape[-1] != query.shape[-1]:
+        raise RuntimeError(f"pyseqk: key must have the query's embedding size E = {query.shape[-1]} "
+                           f"in its last dimension, got key of shape {list(key.shape)}")
+    if value.shape[-2] != key.shape[-2]:
+        raise RuntimeError(f"pyseqk: value must have the key's sequence length S = {key.shape[-2]}, "
+                           f"got value of shape {list(value.shape)} and key of shape {list(key.shape)}")
+    Hq, Hk = _heads(query), _heads(key)
+    if _heads(value) != Hk:
+        raise RuntimeError(f"pyseqk: value must have the key's number of heads {Hk}, got value of "
+                           f"shape {list(value.shape)}")
+    if Hq != Hk:
+        if not enable_gqa:
+            raise RuntimeError(f"pyseqk: query has {Hq} heads but key and value have {Hk}; pass "
+                               "enable_gqa=True for grouped-query attention")
+        if Hk == 0 or Hq % Hk != 0:
+            raise RuntimeError(f"pyseqk: the query's number of heads ({Hq}) must be a multiple of "
+                               f"the key's ({Hk}) for grouped-query attention")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"pyseqk: dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"pyseqk: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.device != query.device:
+            raise RuntimeError(f"pyseqk: attn_mask is on {attn_mask.device} but query is on "
+                               f"{query.device}; expected all tensors on one device")
+        if attn_mask.dtype not in (torch.bool, query.dtype):
+            raise TypeError(f"pyseqk: attn_mask must be torch.bool or the query's dtype "
+                            f"{query.dtype}, got {attn_mask.dtype}")
+        target = tuple(query.shape[:-1]) + (key.shape[-2],)
+        ok = attn_mask.dim() <= len(target) and all(
+            m == 1 or m == t for m, t in zip(reversed(attn_mask.shape), reversed(target)))
+        if not ok:
+            raise RuntimeError(f"pyseqk: attn_mask must be broadcastable to [..., heads, L, S] = "
+                               f"{list(target)}, got shape {list(attn_mask.shape)}")
+
+
+def _mask_4d(attn_mask: Tensor, batch: tuple, B: int, Hq: int, L: int, S: int) -> Tensor:
+    """attn_mask as a 4-D [B, Hq, L, S] view (stride 0 where it broadcasts): never materialised,
+    except over the batch dimensions when several of them cannot be merged into one stride."""
+    nd = len(batch) + 3
+    m = attn_mask.reshape((1,) * (nd - attn_mask.dim()) + tuple(attn_mask.shape))
+    full = m.expand(*batch, Hq, L, S)
+    try:
+        return full.view(B, Hq, L, S)
+    except RuntimeError:
+        return m.expand(*batch, *m.shape[-3:]).reshape(B, *m.shape[-3:]).expand(B, Hq, L, S)
+
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False) -> Tensor:
-    """torch.nn.functional.scaled_dot_product_attention's signature and semantics."""
-    return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
-                                                  is_causal, scale, enable_gqa)
+    """torch.nn.functional.scaled_dot_product_attention's signature and semantics.
+
+    query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev] (Hq a multiple of Hk with
+    enable_gqa=True), any number of leading batch dimensions (the same for all three). attn_mask:
+    bool (True = take part) or additive in the query's dtype, broadcastable to [..., Hq, L, S].
+    is_causal: top-left aligned (query i sees keys j <= i); unlike torch it may be combined with
+    attn_mask (both apply). A query row with nothing to attend gets zeros, as torch's CPU kernel.
+    dropout_p > 0 draws the dropout seed from torch's default generator (reproducible under
+    torch.manual_seed). Returns [..., Hq, L, Ev] in the query's dtype. Gradients flow to query,
+    key and value (not to attn_mask, except on the reference backend)."""
+    check_sdpa(query, key, value, attn_mask, dropout_p, enable_gqa)
+    E = query.shape[-1]
+    scale = E ** -0.5 if scale is None else float(scale)
+    seed = int(torch.randint(0, 2 ** 32, ()).item()) if dropout_p > 0.0 else 0
+    backend = backends.resolve(query.device)
+    if backend == "reference":
+        return reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            seed if dropout_p > 0.0 else None)
+    batch = tuple(query.shape[:-3])
+    B = 1
+    for n in batch:
+        B *= n
+    Hq, Hk, L, S, Ev = _heads(query), _heads(key), query.shape[-2], key.shape[-2], value.shape[-1]
+    q = query.reshape(B, Hq, L, E)
+    k = key.reshape(B, Hk, S, E)
+    v = value.reshape(B, Hk, S, Ev)
+    mask = None if attn_mask is None else _mask_4d(attn_mask, batch, B, Hq, L, S)
+    op = _triton_sdpa() if backend == "triton" else torch.ops.pyseqk.sdpa
+    out, _ = op(q, k, v, mask, float(dropout_p), bool(is_causal), scale, seed)
+    return out.reshape(query.shape[:-1] + (Ev,))

@@ -103,7 +103,9 @@ def rnn_layer(input, h0, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, seed=None):
     """seed: None drops with torch's RNG (F.dropout); an int drops exactly what the kernels drop
-    for that seed (dropout_keep_mask), which is how the kernels are tested."""
+    for that seed (dropout_keep_mask), which is how the kernels are tested. A query row with no
+    key to attend (every score masked) gets a zero output and zero gradients, as torch's CPU
+    kernel gives (softmax over nothing would be NaN)."""
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     scale = E ** -0.5 if scale is None else scale
     if enable_gqa and key.shape[-3] != query.shape[-3]:
@@ -119,7 +121,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    weights = scores.softmax(-1)
+    # Fully masked rows: softmax of zeros instead of all -inf (no NaN, in the values or the
+    # gradient), then zeroed.
+    empty = (scores == float("-inf")).all(-1, keepdim=True)
+    weights = scores.masked_fill(empty, 0.0).softmax(-1).masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         if seed is None:
             weights = F.dropout(weights, dropout_p)

@@ -1,0 +1,453 @@
+// Flash-style scaled-dot-product attention on the CPU: the scores are produced one
+// [query tile x key tile] block at a time by a small BLAS GEMM, folded into the output with an
+// online softmax (running max and sum per row, rescaling the accumulator when the max grows), and
+// never stored whole: extra memory is O(tiles), not O(L x S). The backward recomputes each block
+// of probabilities from the saved logsumexp.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "pyseqk/dropout_hash.h"
+#include "pyseqk/sdpa_kernels.h"
+
+namespace pyseqk {
+namespace cpu {
+namespace {
+
+// Tile sizes. Forward: a [128 x 256] fp32 score block is 128 KiB; with the query tile (32 KiB at
+// D = 64), one key and one value tile (64 KiB each) and the accumulator (32 KiB) the working set
+// stays in a 512 KiB L2. The causal waste does not grow with the key tile: the key range of a
+// query tile is cut at its last row, and its 128 x 128 diagonal block runs in two row halves,
+// wasting a quarter of it (1/32 of the causal work at N = 1024; torch's 256 x 512 blocks waste
+// half of a 256 x 256 block per query block, 1/4).
+// Backward: four score-sized tiles (P, dP/dS, and the dropped P) live at once: 128 x 128.
+constexpr int64_t kBlockQ = 128, kBlockK = 256;    // forward
+constexpr int64_t kBwdBlockQ = 128, kBwdBlockK = 128;  // backward: four tiles live at once
+
+}  // namespace
+}  // namespace cpu
+}  // namespace pyseqk
+
+// The BLAS that libtorch_cpu links (MKL in the x86 wheels) exports the Fortran GEMMs; the typed
+// at::native::cpublas::gemm overloads that call them are not exported to extensions. Declared
+// weak so that a torch built without BLAS still loads this library (and runs a plain loop).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's C API (mkl_set_num_threads_local is a macro for it; the lowercase symbol is the
+// Fortran one, taking a pointer).
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
+}
+
+namespace pyseqk {
+namespace cpu {
+namespace {
+
+// The tile GEMMs are far too small to split: MKL must run them on the calling thread. Inside
+// at::parallel_for's OpenMP region it does so by itself; when the range runs on the caller alone
+// (one task), MKL would otherwise fork its own threads for every 128 x 128 tile.
+struct SequentialBlas {
+  int previous = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// Row-major C[M x N] = alpha * op(A) op(B) + beta * C, through the column-major BLAS: a row-major
+// matrix is the column-major transpose, so C^T = op(B)^T op(A)^T with the operands swapped.
+// Sizes are tile sizes and leading dimensions row strides (the entry checks they fit an int).
+template <class T>
+inline void mm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+               int64_t lda, const T* Bm, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&ta, &tb, &m, &n, &k, &alpha, Bm, &la, A, &lb, &beta, C, &lc);
+  } else {
+    if (dgemm_) return dgemm_(&ta, &tb, &m, &n, &k, &alpha, Bm, &la, A, &lb, &beta, C, &lc);
+  }
+  // No BLAS in this torch: a plain loop (correct, slow; x86 and arm wheels all ship a BLAS).
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      T acc = T(0);
+      for (int64_t p = 0; p < K; ++p) {
+        acc += (trans_a ? A[p * lda + i] : A[i * lda + p]) * (trans_b ? Bm[j * ldb + p] : Bm[p * ldb + j]);
+      }
+      C[i * ldc + j] = alpha * acc + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
+    }
+  }
+}
+
+template <class T>
+using Vec = at::vec::Vectorized<T>;
+
+// A fast exp: float's exp_u20 (a degree-5 polynomial, 20 ulp, flushes x < ln(FLT_MIN) to 0 so
+// -inf gives 0) costs about a third of Sleef's exp; the softmax error it adds (~1e-6 relative)
+// is far below what the fp32 GEMMs already carry. double keeps the full-precision exp.
+template <class T>
+inline Vec<T> vexp(Vec<T> x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+template <class T>
+inline T row_max(const T* x, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  if (n >= W) {
+    Vec<T> vm = Vec<T>::loadu(x);
+    for (j = W; j + W <= n; j += W) vm = at::vec::maximum(vm, Vec<T>::loadu(x + j));
+    m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); },
+                                   vm);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - m) for j < n; returns the sum.
+template <class T>
+inline T exp_sub_sum(T* x, int64_t n, T m) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vm(m);
+  Vec<T> vs(T(0));
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec<T> e = vexp<T>(Vec<T>::loadu(x + j) - vm);
+    e.store(x + j);
+    vs = vs + e;
+  }
+  T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vs);
+  if (j < n) {
+    // the lanes past n hold exp(0 - m): store only the n - j real ones and sum those
+    vexp<T>(Vec<T>::loadu(x + j, n - j) - vm).store(x + j, n - j);
+    for (; j < n; ++j) s += x[j];
+  }
+  return s;
+}
+
+// x[j] = exp(x[j] - lse) for j < n (the backward's recomputed probabilities).
+template <class T>
+inline void exp_sub(T* x, int64_t n, T lse) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vl(lse);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) vexp<T>(Vec<T>::loadu(x + j) - vl).store(x + j);
+  if (j < n) vexp<T>(Vec<T>::loadu(x + j, n - j) - vl).store(x + j, n - j);
+}
+
+template <class T>
+inline void scale_row(T* x, int64_t n, T s) {
+  at::vec::map([s](Vec<T> v) { return v * Vec<T>(s); }, x, x, n);
+}
+
+// Adds the mask row (i, j0 .. j0+n) and -inf on the causally hidden columns j > i.
+template <class T>
+inline void mask_row(const SdpaArgs& a, const T* mask_bh, int64_t i, int64_t j0, int64_t n, T* x) {
+  if (mask_bh) {
+    const T* m = mask_bh + i * a.mask_stride[2] + j0 * a.mask_stride[3];
+    const int64_t ms = a.mask_stride[3];
+    if (ms == 1) {
+      at::vec::map2([](Vec<T> s, Vec<T> b) { return s + b; }, x, x, m, n);
+    } else {
+      for (int64_t j = 0; j < n; ++j) x[j] += m[j * ms];
+    }
+  }
+  if (a.is_causal) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for (int64_t j = std::max<int64_t>(0, i + 1 - j0); j < n; ++j) x[j] = ninf;
+  }
+}
+
+// Zeroes the dropped probabilities of row i (kept ones keep their value: the 1/(1-p) scaling is
+// applied once, to the output row in the forward and to the probabilities' gradient backward).
+template <class T>
+inline void drop_row(uint32_t row_key, uint32_t threshold, int64_t j0, int64_t n, T* x) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (!dropout::keep(row_key, static_cast<uint32_t>(j0 + j), threshold)) x[j] = T(0);
+  }
+}
+
+template <class T>
+const T* mask_base(const SdpaArgs& a, int64_t b, int64_t h) {
+  if (!a.mask) return nullptr;
+  return static_cast<const T*>(a.mask) + b * a.mask_stride[0] + h * a.mask_stride[1];
+}
+
+template <class T>
+void forward(const SdpaArgs& a, T* out, T* lse) {
+  const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev, group = a.Hq / a.Hk;
+  const int64_t nq = (L + kBlockQ - 1) / kBlockQ;
+  const T scale = static_cast<T>(a.scale);
+  const bool dropout = a.dropout_p > 0.0;
+  const uint32_t threshold = dropout::threshold(a.dropout_p);
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - a.dropout_p));
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const T* q = static_cast<const T*>(a.query);
+  const T* k = static_cast<const T*>(a.key);
+  const T* v = static_cast<const T*>(a.value);
+
+  at::parallel_for(0, a.B * a.Hq * nq, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
+    // Scratch for the whole chunk of tiles this thread runs: allocated once, not per tile.
+    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * Ev), m(kBlockQ), l(kBlockQ);
+    for (int64_t t = begin; t < end; ++t) {
+      // Causal tiles cost in proportion to their row index; zigzag them (0, nq-1, 1, nq-2, ...)
+      // so that the contiguous ranges at::parallel_for hands each thread get equal work.
+      const int64_t u = t % nq, qb = (u & 1) ? nq - 1 - (u >> 1) : (u >> 1);
+      const int64_t bh = t / nq, b = bh / a.Hq, h = bh % a.Hq, hk = h / group;
+      const int64_t i0 = qb * kBlockQ, mq = std::min(kBlockQ, L - i0);
+      const T* Q = q + b * a.sq.b + h * a.sq.h + i0 * a.sq.row;
+      const T* K = k + b * a.sk.b + hk * a.sk.h;
+      const T* V = v + b * a.sv.b + hk * a.sv.h;
+      const T* mask_bh = mask_base<T>(a, b, h);
+      std::fill(acc.begin(), acc.begin() + mq * Ev, T(0));
+      std::fill(m.begin(), m.end(), ninf);
+      std::fill(l.begin(), l.end(), T(0));
+      // Rows [r0, r1) of the tile against keys [j0, j0 + nk): scores, online softmax, P V.
+      auto block = [&](int64_t r0, int64_t r1, int64_t j0, int64_t nk) {
+        T* sc = scores.data() + r0 * kBlockK;
+        mm<T>(false, true, r1 - r0, nk, E, scale, Q + r0 * a.sq.row, a.sq.row, K + j0 * a.sk.row,
+              a.sk.row, T(0), sc, kBlockK);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t i = i0 + r;
+          T* x = scores.data() + r * kBlockK;
+          mask_row<T>(a, mask_bh, i, j0, nk, x);
+          const T m_new = std::max(m[r], row_max(x, nk));
+          if (m_new == ninf) {  // nothing to attend in this row so far
+            std::fill(x, x + nk, T(0));
+            continue;
+          }
+          const T alpha = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
+          l[r] = l[r] * alpha + exp_sub_sum(x, nk, m_new);
+          m[r] = m_new;
+          if (alpha != T(1)) scale_row(acc.data() + r * Ev, Ev, alpha);
+          if (dropout) {
+            drop_row(dropout::row_key(a.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i)),
+                     threshold, j0, nk, x);
+          }
+        }
+        mm<T>(false, false, r1 - r0, Ev, nk, T(1), sc, kBlockK, V + j0 * a.sv.row, a.sv.row, T(1),
+              acc.data() + r0 * Ev, Ev);
+      };
+      // Causal: keys before the tile's first row are seen by all its rows; keys past its last
+      // row by none. The diagonal block in between goes in two halves of rows, the first half
+      // against the first half of its keys only: a quarter of the block is never computed.
+      const int64_t kfull = a.is_causal ? std::min(S, i0) : S;
+      for (int64_t j0 = 0; j0 < kfull; j0 += kBlockK) block(0, mq, j0, std::min(kBlockK, kfull - j0));
+      if (a.is_causal && i0 < S) {
+        const int64_t half = (mq + 1) / 2;
+        block(0, half, i0, std::min(S, i0 + half) - i0);
+        if (half < mq) block(half, mq, i0, std::min(S, i0 + mq) - i0);
+      }
+      T* O = out + (bh * L + i0) * Ev;
+      T* lse_row = lse + bh * L + i0;
+      for (int64_t r = 0; r < mq; ++r) {
+        if (l[r] > T(0)) {
+          const T inv = (dropout ? keep_scale : T(1)) / l[r];
+          at::vec::map([inv](Vec<T> x) { return x * Vec<T>(inv); }, O + r * Ev,
+                       acc.data() + r * Ev, Ev);
+          lse_row[r] = m[r] + std::log(l[r]);
+        } else {
+          std::fill(O + r * Ev, O + (r + 1) * Ev, T(0));
+          lse_row[r] = std::numeric_limits<T>::infinity();
+        }
+      }
+    }
+  });
+}
+
+// One [query tile x key tile] block of the backward: recomputes P = exp(S - lse), then
+// dV += P_d^T dO, dP = dO V^T, dS = P * (dP_d - delta), and adds dS's contributions to dK (with
+// dkdv) and to dQ (with dq_rows). P_d = P * keep / (1 - p) is the dropped P of the forward.
+template <class T>
+struct BwdBlock {
+  const SdpaArgs& a;
+  const T* dout;
+  SdpaStrides sdo;
+  const T* lse;
+  const T* delta;  // [B * Hq * L]
+  T* dk;
+  T* dv;
+  T *p, *dp, *pd;  // scratch [kBwdBlockQ x kBwdBlockK] each (pd only with dropout)
+
+  void operator()(int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nk, bool dkdv,
+                  T* dq_rows) const {
+    constexpr int64_t ld = kBwdBlockK;
+    const int64_t L = a.L, E = a.E, Ev = a.Ev, hk = h / (a.Hq / a.Hk), bh = b * a.Hq + h;
+    const T scale = static_cast<T>(a.scale);
+    const bool dropout = a.dropout_p > 0.0;
+    const T keep_scale = static_cast<T>(1.0 / (1.0 - a.dropout_p));
+    const T* Q = static_cast<const T*>(a.query) + b * a.sq.b + h * a.sq.h + i0 * a.sq.row;
+    const T* K = static_cast<const T*>(a.key) + b * a.sk.b + hk * a.sk.h + j0 * a.sk.row;
+    const T* V = static_cast<const T*>(a.value) + b * a.sv.b + hk * a.sv.h + j0 * a.sv.row;
+    const T* dO = dout + b * sdo.b + h * sdo.h + i0 * sdo.row;
+    const T* mask_bh = mask_base<T>(a, b, h);
+    mm<T>(false, true, mq, nk, E, scale, Q, a.sq.row, K, a.sk.row, T(0), p, ld);
+    for (int64_t r = 0; r < mq; ++r) {
+      T* x = p + r * ld;
+      mask_row<T>(a, mask_bh, i0 + r, j0, nk, x);
+      exp_sub<T>(x, nk, lse[bh * L + i0 + r]);
+      if (dropout) {
+        T* y = pd + r * ld;
+        std::copy(x, x + nk, y);
+        drop_row(dropout::row_key(a.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i0 + r)),
+                 dropout::threshold(a.dropout_p), j0, nk, y);
+      }
+    }
+    if (dkdv) {
+      T* dV = dv + ((b * a.Hk + hk) * a.S + j0) * Ev;
+      mm<T>(true, false, nk, Ev, mq, dropout ? keep_scale : T(1), dropout ? pd : p, ld, dO,
+            sdo.row, T(1), dV, Ev);
+    }
+    mm<T>(false, true, mq, nk, Ev, T(1), dO, sdo.row, V, a.sv.row, T(0), dp, ld);
+    for (int64_t r = 0; r < mq; ++r) {
+      T* d = dp + r * ld;
+      const T* x = p + r * ld;
+      const Vec<T> dl(delta[bh * L + i0 + r]);
+      if (dropout) {
+        // P * dP * keep / (1 - p) = P_d * dP: the dropped P carries the mask and the scale
+        const Vec<T> ks(keep_scale);
+        at::vec::map3([ks, dl](Vec<T> dpv, Vec<T> pv, Vec<T> pdv) { return pdv * dpv * ks - pv * dl; },
+                      d, d, x, pd + r * ld, nk);
+      } else {
+        at::vec::map2([dl](Vec<T> dpv, Vec<T> pv) { return pv * (dpv - dl); }, d, d, x, nk);
+      }
+    }
+    if (dq_rows) mm<T>(false, false, mq, E, nk, scale, dp, ld, K, a.sk.row, T(1), dq_rows, E);
+    if (dkdv) {
+      T* dK = dk + ((b * a.Hk + hk) * a.S + j0) * E;
+      mm<T>(true, false, nk, E, mq, scale, dp, ld, Q, a.sq.row, T(1), dK, E);
+    }
+  }
+};
+
+// Two deterministic schedules (each gradient element is accumulated by one thread, over key
+// tiles or query tiles in ascending order, whatever the thread count):
+// - fused, when there are enough (batch, kv head) pairs to share out: a task owns dK and dV of
+//   its kv head and dQ of the query heads that read it: 5 GEMMs per block;
+// - split, when there are too few (a single sequence and head would run on one core): dK and dV
+//   in parallel over (batch, kv head, key tile), then dQ in parallel over (batch, query head,
+//   query tile), recomputing P and dS: 7 GEMMs per block, but every core busy.
+template <class T>
+void backward(const SdpaArgs& a, const T* dout, SdpaStrides sdo, const T* out, SdpaStrides so,
+              const T* lse, T* dq, T* dk, T* dv) {
+  constexpr int64_t BQ = kBwdBlockQ, BK = kBwdBlockK;
+  const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev, group = a.Hq / a.Hk;
+  const int64_t nq = (L + BQ - 1) / BQ, nk_tiles = (S + BK - 1) / BK;
+  const bool dropout = a.dropout_p > 0.0;
+  // delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax backward's row term: O(L).
+  std::vector<T> delta(a.B * a.Hq * L);
+  at::parallel_for(0, a.B * a.Hq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / a.Hq, h = bh % a.Hq;
+      for (int64_t i = 0; i < L; ++i) {
+        delta[bh * L + i] = at::vec::map2_reduce_all<T>(
+            [](Vec<T> x, Vec<T> y) { return x * y; }, [](Vec<T> x, Vec<T> y) { return x + y; },
+            dout + b * sdo.b + h * sdo.h + i * sdo.row, out + b * so.b + h * so.h + i * so.row, Ev);
+      }
+    }
+  });
+  std::fill(dq, dq + a.B * a.Hq * L * E, T(0));
+  std::fill(dk, dk + a.B * a.Hk * S * E, T(0));
+  std::fill(dv, dv + a.B * a.Hk * S * Ev, T(0));
+  auto scratch = [&](std::vector<T>& buf) {
+    buf.resize((dropout ? 3 : 2) * BQ * BK);
+    return BwdBlock<T>{a, dout, sdo, lse, delta.data(), dk, dv, buf.data(), buf.data() + BQ * BK,
+                       dropout ? buf.data() + 2 * BQ * BK : nullptr};
+  };
+  // Causal: query rows i < j0 see none of key tile j0's keys.
+  auto first_query_row = [&](int64_t j0) { return a.is_causal ? j0 : int64_t(0); };
+
+  if (a.B * a.Hk >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, a.B * a.Hk, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlas sequential;
+      std::vector<T> buf;
+      const BwdBlock<T> block = scratch(buf);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / a.Hk, hk = t % a.Hk;
+        for (int64_t j0 = 0; j0 < S; j0 += BK) {
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = hk * group + g;
+            for (int64_t i0 = first_query_row(j0); i0 < L; i0 += BQ) {
+              block(b, h, i0, std::min(BQ, L - i0), j0, std::min(BK, S - j0), true,
+                    dq + ((b * a.Hq + h) * L + i0) * E);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, a.B * a.Hk * nk_tiles, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
+    std::vector<T> buf;
+    const BwdBlock<T> block = scratch(buf);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j0 = (t % nk_tiles) * BK, b = t / nk_tiles / a.Hk, hk = t / nk_tiles % a.Hk;
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t i0 = first_query_row(j0); i0 < L; i0 += BQ) {
+          block(b, hk * group + g, i0, std::min(BQ, L - i0), j0, std::min(BK, S - j0), true,
+                nullptr);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, a.B * a.Hq * nq, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
+    std::vector<T> buf;
+    const BwdBlock<T> block = scratch(buf);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = (t % nq) * BQ, bh = t / nq, b = bh / a.Hq, h = bh % a.Hq;
+      const int64_t mq = std::min(BQ, L - i0);
+      const int64_t kend = a.is_causal ? std::min(S, i0 + mq) : S;
+      for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+        block(b, h, i0, mq, j0, std::min(BK, S - j0), false, dq + (bh * L + i0) * E);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void sdpa_forward(DType dtype, const SdpaArgs& a, void* out, void* lse) {
+  if (dtype == DType::kFloat64) {
+    forward<double>(a, static_cast<double*>(out), static_cast<double*>(lse));
+  } else {
+    forward<float>(a, static_cast<float*>(out), static_cast<float*>(lse));
+  }
+}
+
+void sdpa_backward(DType dtype, const SdpaArgs& a, const void* grad_out, SdpaStrides sdo,
+                   const void* out, SdpaStrides so, const void* lse, void* grad_query,
+                   void* grad_key, void* grad_value) {
+  if (dtype == DType::kFloat64) {
+    backward<double>(a, static_cast<const double*>(grad_out), sdo, static_cast<const double*>(out),
+                     so, static_cast<const double*>(lse), static_cast<double*>(grad_query), static_cast<double*>(grad_key),
+                     static_cast<double*>(grad_value));
+  } else {
+    backward<float>(a, static_cast<const float*>(grad_out), sdo, static_cast<const float*>(out), so,
+                    static_cast<const float*>(lse), static_cast<float*>(grad_query), static_cast<float*>(grad_key),
+                    static_cast<float*>(grad_value));
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyseqk
