@@ -2,9 +2,9 @@
 from .convert import convert
 from .rnn import GRUCell, LSTMCell, RNNCell
 from .attention import MultiheadAttention
-from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer,
+from .transformer import (PositionalEncoding, Transformer, TransformerDecoder, TransformerDecoderLayer,
                           TransformerEncoder, TransformerEncoderLayer)
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell", "convert"]
 __all__ += ["MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
-            "TransformerEncoder", "TransformerDecoder", "Transformer"]
+            "TransformerEncoder", "TransformerDecoder", "Transformer", "PositionalEncoding"]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
+from .. import functional as PF
 from .attention import MultiheadAttention
 
 
@@ -117,3 +118,54 @@ class Transformer(torch.nn.Transformer):
             _swap(self.encoder)
         if given.get("custom_decoder") is None:
             _swap(self.decoder)
+
+
+class PositionalEncoding(torch.nn.Module):
+    r"""The sinusoidal positional encoding of "Attention Is All You Need", added to the input and
+    followed by dropout, in one fused pass: ``forward(x) = dropout(x + pe[:T])`` with
+    ``pe[t, 2i] = sin(t / 10000^(2i/d_model))`` and ``pe[t, 2i+1] = cos(t / 10000^(2i/d_model))``.
+
+    x: ``[T, B, d_model]``, ``[B, T, d_model]`` with ``batch_first``, or unbatched ``[T, d_model]``.
+    Odd ``d_model`` works (the last feature is a sine).
+
+    The encoding is computed inside the kernel rather than stored: a ``pe`` buffer would cost
+    ``max_len * d_model`` memory and a second input stream for a value that is cheaper to
+    recompute, and would tie the layer to one dtype and device. So the module has no state;
+    ``device`` and ``dtype`` are accepted for the usual factory signature and unused, and a
+    ``pe`` entry in a loaded state_dict (the PyTorch tutorial's PositionalEncoding buffer) is
+    ignored, so tutorial checkpoints load with ``strict=True``. ``max_len`` bounds T as the
+    tutorial's table did. ``self.dropout`` is a ``torch.nn.Dropout`` as in the tutorial; its ``p``
+    is the probability used."""
+
+    def __init__(self, d_model: int, dropout: float = 0.1, max_len: int = 5000,
+                 batch_first: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        if d_model <= 0 or max_len <= 0:
+            raise ValueError(f"PositionalEncoding: d_model and max_len must be positive, got "
+                             f"d_model={d_model}, max_len={max_len}")
+        self.d_model = d_model
+        self.max_len = max_len
+        self.batch_first = batch_first
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3):
+            raise ValueError("PositionalEncoding: expected x of shape [T, B, d_model] "
+                             "([B, T, d_model] with batch_first) or [T, d_model], got "
+                             f"{list(x.shape)}")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"PositionalEncoding: expected x's last dimension to be d_model="
+                             f"{self.d_model}, got shape {list(x.shape)}")
+        T = x.shape[1] if (x.dim() == 3 and self.batch_first) else x.shape[0]
+        if T > self.max_len:
+            raise ValueError(f"PositionalEncoding: sequence length {T} exceeds max_len={self.max_len}")
+        return PF.positional_encoding(x, self.dropout.p, self.training, self.batch_first)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "pe", None)  # the tutorial's table: recomputed, not stored
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, max_len={self.max_len}, batch_first={self.batch_first}"
