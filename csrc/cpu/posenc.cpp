@@ -1,8 +1,9 @@
 // Positional encoding fused with its add and dropout on the CPU. Work is split by position t:
-// each task computes the encoding row pe[t, :] once (Sleef sin/cos, at::vec) and adds it to
-// every row at that position (B rows for [T, B, D], one per batch for [B, T, D]), so the
-// transcendentals cost D per position, not per element. The dropout mask is hashed per element
-// (integer ops the compiler vectorizes) into a multiplier row: keep ? 1/(1-p) : 0.
+// each task computes the encoding row pe[t, :] once (Sleef sin and cos, at::vec, one of each
+// per feature pair) and adds it to every row at that position (B rows for [T, B, D], one per
+// batch for [B, T, D]), so the transcendentals cost D per position, not per element. The dropout
+// mask is hashed per element (integer ops the compiler vectorizes) into a multiplier row:
+// keep ? 1/(1-p) : 0.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -40,19 +41,21 @@ inline void dropout_multipliers(M* mult, uint64_t idx0, int64_t n, uint32_t seed
   }
 }
 
-// pe[d] for d < D at position t: sin(t w) on even d, cos(t w) on odd d.
+// pe[d] for d < D at position t: the pair (2i, 2i+1) shares the angle t w_i, so sin and cos
+// are evaluated once per pair (D/2 angles, not D) and interleaved; an odd D ends on a sine.
+// freq [ceil(D/2)]: w_i per pair.
 template <class M>
 void encoding_row(M* pe, const M* freq, int64_t t, int64_t D) {
   using V = at::vec::Vectorized<M>;
-  constexpr int64_t L = V::size();  // even, and every chunk starts at an even d
-  const V lane = V::arange(M(0), M(1));
-  const V half = lane * V(M(0.5));
-  const V odd = half != half.floor();
+  constexpr int64_t L = V::size();
+  const int64_t pairs = (D + 1) / 2;
   const V tv(static_cast<M>(t));
-  for (int64_t d = 0; d < D; d += L) {
-    const int64_t n = std::min(L, D - d);
-    const V angle = tv * V::loadu(freq + d, n);
-    V::blendv(angle.sin(), angle.cos(), odd).store(pe + d, n);
+  for (int64_t i = 0; i < pairs; i += L) {
+    const V angle = tv * V::loadu(freq + i, std::min(L, pairs - i));
+    const auto [lo, hi] = at::vec::interleave2(angle.sin(), angle.cos());
+    const int64_t d = 2 * i;  // lo covers [d, d+L), hi [d+L, d+2L)
+    lo.store(pe + d, std::min(L, D - d));
+    if (D - d > L) hi.store(pe + d + L, std::min(L, D - d - L));
   }
 }
 
@@ -62,8 +65,8 @@ void forward(const T* x, T* out, int64_t N, int64_t T_, int64_t R, int64_t D, do
   using M = at::opmath_type<T>;
   using V = OpVec<T>;
   constexpr int64_t L = kLanes<T>;
-  std::vector<M> freq(D);
-  for (int64_t d = 0; d < D; ++d) freq[d] = static_cast<M>(posenc::frequency(d, D));
+  std::vector<M> freq((D + 1) / 2);
+  for (int64_t i = 0; i < (D + 1) / 2; ++i) freq[i] = static_cast<M>(posenc::frequency(2 * i, D));
   const int64_t outer = N / (T_ * R * D);
   const bool drop = p > 0.0;
   const uint32_t threshold = dropout::threshold(p);
