@@ -184,6 +184,16 @@ def test_non_contiguous_input(backend):
     torch.testing.assert_close(out, R.positional_encoding(x, P, 2))
 
 
+@pytest.mark.parametrize("shape", [(0, 2, 4), (3, 0, 4), (3, 2, 0), (0, 5)], ids=str)
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_input(backend, shape):
+    x = torch.randn(shape, requires_grad=True)
+    with pyseqk.use_backend(backend):
+        out = F.positional_encoding(x, P, seed=1)
+        out.sum().backward()
+    assert out.shape == x.shape and x.grad.shape == x.shape
+
+
 BAD = [
     (lambda: torch.zeros(3, 2, 4, dtype=torch.int64), {}, TypeError, "float32"),
     (lambda: torch.zeros(2, 3, 2, 4), {}, RuntimeError, "3-D"),
