@@ -16,19 +16,31 @@ from torch import Tensor
 from .. import functional as F
 
 
-def _merge_masks(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src_len):
-    """torch's merge: attn_mask [L, S] or [B*H, L, S] (3-D from here on) plus key_padding_mask
-    [B, S], both already additive floats; returns [1 or B*H, L or 1, S] or None."""
+def _merge_masks(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src_len, flat):
+    """torch's merge of attn_mask [1 or B*H, L, S] and key_padding_mask [B, S] (both additive
+    floats by now, or None): their sum. flat: as torch lays it out for bmm, [1 or B*H, L or 1,
+    S]; else 4-D for SDPA, [1 or B, 1 or H, L or 1, S], broadcasting instead of repeating the
+    padding mask over heads and the 2-D mask over the batch (the same sums, up to H times fewer
+    elements)."""
+    if key_padding_mask is not None:
+        torch._check_with(
+            AssertionError, key_padding_mask.shape[0] == bsz,
+            lambda: f"Expected key_padded_mask.shape[0] to be {bsz}, but got {key_padding_mask.shape[0]}")
+        torch._check_with(
+            AssertionError, key_padding_mask.shape[1] == src_len,
+            lambda: f"Expected key_padded_mask.shape[1] to be {src_len}, but got {key_padding_mask.shape[1]}")
+    if flat:
+        if key_padding_mask is None:
+            return attn_mask
+        kpm = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
+               .reshape(bsz * num_heads, 1, src_len))
+        return kpm if attn_mask is None else attn_mask + kpm
+    if attn_mask is not None:
+        attn_mask = (attn_mask.unsqueeze(0) if attn_mask.size(0) == 1
+                     else attn_mask.view(bsz, num_heads, tgt_len, src_len))
     if key_padding_mask is None:
         return attn_mask
-    torch._check_with(
-        AssertionError, key_padding_mask.shape[0] == bsz,
-        lambda: f"Expected key_padded_mask.shape[0] to be {bsz}, but got {key_padding_mask.shape[0]}")
-    torch._check_with(
-        AssertionError, key_padding_mask.shape[1] == src_len,
-        lambda: f"Expected key_padded_mask.shape[1] to be {src_len}, but got {key_padding_mask.shape[1]}")
-    kpm = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
-           .reshape(bsz * num_heads, 1, src_len))
+    kpm = key_padding_mask.view(bsz, 1, 1, src_len)
     return kpm if attn_mask is None else attn_mask + kpm
 
 
@@ -115,7 +127,8 @@ def multi_head_attention_forward(
         attn_mask = None if attn_mask is None else TF.pad(attn_mask, (0, 1))
         key_padding_mask = None if key_padding_mask is None else TF.pad(key_padding_mask, (0, 1))
     src_len = k.size(1)
-    attn_mask = _merge_masks(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src_len)
+    attn_mask = _merge_masks(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src_len,
+                             flat=need_weights)
     if not training:
         dropout_p = 0.0
 
@@ -136,10 +149,6 @@ def multi_head_attention_forward(
         if not is_batched:
             weights = weights.squeeze(0)
     else:
-        if attn_mask is not None:
-            # [1, L, S] broadcasts over batch and heads; [B*H, L or 1, S] splits into them.
-            attn_mask = (attn_mask.unsqueeze(0) if attn_mask.size(0) == 1
-                         else attn_mask.view(bsz, num_heads, -1, src_len))
         out = F.scaled_dot_product_attention(
             q.view(bsz, num_heads, tgt_len, head_dim), k.view(bsz, num_heads, src_len, head_dim),
             v.view(bsz, num_heads, src_len, head_dim), attn_mask, dropout_p, is_causal)
