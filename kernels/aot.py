@@ -262,3 +262,26 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------------------------
+# Positional encoding (kernels/posenc.py), added to the list above.
+
+from . import posenc as _posenc  # noqa: E402
+
+_all_kernels_before_posenc = all_kernels
+
+
+def all_kernels() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:  # noqa: F811
+    rows = _all_kernels_before_posenc()
+    floats = {"scale_hi": "fp32", "scale_lo": "fp32"}
+    blk = {"BLOCK": _posenc.BLOCK}
+    for dt in DTYPES:
+        rows += [
+            (f"posenc_fwd[{dt}]", _posenc._posenc_fwd_kernel,
+             {**_sig(dt, "x_ptr out_ptr", "N T R D seed threshold"), **floats},
+             dict(HAS_DROPOUT=True, **blk)),
+            (f"posenc_bwd[{dt}]", _posenc._posenc_bwd_kernel,
+             {**_sig(dt, "grad_ptr grad_x_ptr", "N seed threshold"), **floats}, dict(**blk)),
+        ]
+    return rows

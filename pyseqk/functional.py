@@ -274,3 +274,55 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     op = _triton_sdpa() if backend == "triton" else torch.ops.pyseqk.sdpa
     out, _ = op(q, k, v, mask, float(dropout_p), bool(is_causal), scale, seed)
     return out.reshape(query.shape[:-1] + (Ev,))
+
+    """torch.nn.functional.scaled_dot_product_attention's signature and semantics."""
+    return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
+                                                  is_causal, scale, enable_gqa)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positional encoding.
+
+from . import _posenc_ops  # noqa: E402,F401  (fake kernels and autograd of the posenc ops)
+
+_triton_posenc_loaded = False
+
+
+def _posenc_op(backend: str, name: str):
+    global _triton_posenc_loaded
+    if backend == "triton" and not _triton_posenc_loaded:
+        from . import _triton_posenc_ops  # noqa: F401  (defines torch.ops.pyseqk.triton_positional_encoding)
+
+        _triton_posenc_loaded = True
+    return _op(backend, name)
+
+
+def check_positional_encoding(input: Tensor, dropout_p: float) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"pyseqk: input must be a Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"pyseqk: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
+    if input.dim() not in (2, 3):
+        raise RuntimeError("pyseqk: input must be 3-D [seq, batch, d_model] ([batch, seq, d_model] "
+                           f"with batch_first) or 2-D [seq, d_model], got shape {list(input.shape)}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"pyseqk: dropout_p must be in [0, 1], got {dropout_p}")
+
+
+def positional_encoding(input: Tensor, dropout_p: float = 0.0, training: bool = True,
+                        batch_first: bool = False, seed: int | None = None) -> Tensor:
+    """dropout(input + pe[t]) in one pass, pe the sinusoid of "Attention Is All You Need"
+    (pe[t, 2i] = sin(t / 10000^(2i/D)), pe[t, 2i+1] = cos(...)). input: [T, B, D], [B, T, D]
+    (batch_first) or [T, D]. Dropout runs when training and dropout_p > 0; its mask is a hash of
+    (seed, element index), the seed drawn from torch's generator unless given (torch.manual_seed
+    makes runs reproducible). Drawing the seed is a .item(): under torch.compile(fullgraph=True)
+    pass ``seed`` or run without dropout."""
+    check_positional_encoding(input, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    seed = 0 if seed is None else int(seed)
+    backend = backends.resolve(input.device)
+    if backend == "reference":
+        return reference.positional_encoding(input, p, seed, batch_first)
+    return _posenc_op(backend, "positional_encoding")(input, p, seed, batch_first)

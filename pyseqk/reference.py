@@ -158,3 +158,49 @@ def dropout_keep_mask(seed, BH, L, S, p, device="cpu"):
     r = _fmix32(row ^ ((j * 0xC2B2AE3D) & _M32))
     threshold = 0 if p <= 0 else (1 << 24 if p >= 1 else int(p * 16777216.0))
     return (r >> 8) >= threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinusoidal positional encoding fused with its add and dropout: out = dropout(x + pe[t]),
+# pe[t, 2i] = sin(t w_i), pe[t, 2i+1] = cos(t w_i), w_i = 10000^(-2i/D). x: [T, B, D],
+# [B, T, D] (batch_first) or [T, D]. The dropout mask of the kernels is a hash of (seed, element
+# index in the contiguous tensor): csrc/include/pyseqk/posenc.h.
+
+import math  # noqa: E402
+
+
+def sinusoid_table(T, D, dtype=torch.float64, device="cpu"):
+    """pe [T, D]. float64 inputs get a float64 table (the oracle); other dtypes one computed in
+    float32 (as the PyTorch tutorial does), rounded once."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    t = torch.arange(T, device=device, dtype=ct).unsqueeze(1)
+    d = torch.arange(D, device=device)
+    freq = torch.exp2(-(d - d % 2).to(torch.float64) * math.log2(10000.0) / max(D, 1)).to(ct)
+    angle = t * freq
+    return torch.where(d % 2 == 0, angle.sin(), angle.cos())
+
+
+def positional_encoding_keep_mask(seed, N, p, device="cpu"):
+    """bool [N]: which elements survive dropout with probability p (the hash of posenc.h)."""
+    idx = torch.arange(N, device=device, dtype=torch.int64)
+    a = _fmix32((seed & _M32) ^ (((idx >> 32) * 0x9E3779B9) & _M32))
+    r = _fmix32(a ^ (((idx & _M32) * 0x85EBCA77) & _M32))
+    threshold = 0 if p <= 0 else (1 << 24 if p >= 1 else int(p * 16777216.0))
+    return (r >> 8) >= threshold
+
+
+def positional_encoding(x, dropout_p=0.0, seed=None, batch_first=False):
+    """seed: None drops with torch's RNG (F.dropout); an int drops exactly what the kernels drop."""
+    T = x.shape[1] if (x.dim() == 3 and batch_first) else x.shape[0]
+    pe = sinusoid_table(T, x.shape[-1], x.dtype, x.device)
+    if x.dim() == 3:
+        pe = pe.unsqueeze(0) if batch_first else pe.unsqueeze(1)
+    out = (x.to(pe.dtype) + pe).to(x.dtype)
+    if dropout_p > 0.0:
+        if seed is None:
+            out = F.dropout(out, dropout_p)
+        else:
+            keep = positional_encoding_keep_mask(seed, out.numel(), dropout_p, x.device)
+            scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+            out = out * (keep.view(out.shape).to(out.dtype) * scale)
+    return out

@@ -34,3 +34,17 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
     if swapped:
         rnn._let_dynamo_trace()  # what construction does for pyseqk's RNN/LSTM/GRU
     return model
+
+
+# Attention and Transformer modules. The containers are swapped with their children by the same
+# walk in convert(); their forwards call the children, so the swapped attention runs inside them.
+from . import attention, transformer  # noqa: E402  (transformer imports convert lazily)
+
+SWAPS.update({
+    torch.nn.MultiheadAttention: attention.MultiheadAttention,
+    torch.nn.TransformerEncoderLayer: transformer.TransformerEncoderLayer,
+    torch.nn.TransformerDecoderLayer: transformer.TransformerDecoderLayer,
+    torch.nn.TransformerEncoder: transformer.TransformerEncoder,
+    torch.nn.TransformerDecoder: transformer.TransformerDecoder,
+    torch.nn.Transformer: transformer.Transformer,
+})
