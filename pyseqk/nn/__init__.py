@@ -3,3 +3,8 @@ from .convert import convert
 from .rnn import GRUCell, LSTMCell, RNNCell
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell", "convert"]
+
+# seq2seq attention (no torch.nn counterpart: pyseqk.convert leaves models alone here)
+from .seq2seq import BahdanauAttention, LuongAttention  # noqa: E402
+
+__all__ += ["LuongAttention", "BahdanauAttention"]
