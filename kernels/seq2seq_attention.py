@@ -189,3 +189,28 @@ def bahdanau_backward(wq, uk, v, ds):
         _bahdanau_bwd_k_kernel[(B * Tk, blocks)](wq, uk, v, ds, duk, Tq, Tk, D, BLOCK_Q=BLOCK_K,
                                                  BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
     return dwq, duk, dv_part.sum(0)
+
+
+def aot_kernels(dt: str) -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
+    """This module's rows of kernels/aot.py's all_kernels() for storage dtype `dt` (fp32, bf16,
+    fp16): the math-dtype tensors (scratch, ds, gradients) are fp32."""
+    def sig(pointers, f32_pointers="", ints="Tq Tk D"):
+        s = {p: f"*{dt}" for p in pointers.split()}
+        s.update({p: "*fp32" for p in f32_pointers.split()})
+        s.update({p: "i32" for p in ints.split()})
+        return s
+
+    fwd = sig("q_ptr k_ptr v_ptr values_ptr context_ptr weights_ptr", "scratch_ptr",
+              "Tq Tk D Hv")
+    fwd["mask_ptr"] = "*u8"
+    blocks = dict(BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+    return [
+        ("luong_attention_fwd", _seq2seq_fwd_kernel, fwd,
+         dict(ADDITIVE=False, HAS_MASK=True, BLOCK_H=BLOCK_H, **blocks)),
+        ("bahdanau_attention_fwd", _seq2seq_fwd_kernel, fwd,
+         dict(ADDITIVE=True, HAS_MASK=True, BLOCK_H=BLOCK_H, **blocks)),
+        ("bahdanau_attention_bwd_q", _bahdanau_bwd_q_kernel,
+         sig("wq_ptr uk_ptr v_ptr", "ds_ptr dwq_ptr dv_part_ptr"), blocks),
+        ("bahdanau_attention_bwd_k", _bahdanau_bwd_k_kernel,
+         sig("wq_ptr uk_ptr v_ptr", "ds_ptr duk_ptr"), dict(BLOCK_Q=BLOCK_K, BLOCK_D=BLOCK_D)),
+    ]

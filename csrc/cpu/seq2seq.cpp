@@ -292,8 +292,8 @@ void bahdanau_backward(const T* wq, const T* uk, const T* v, const Acc<T>* ds, A
 }  // namespace
 
 void luong_attention_forward(DType dtype, const void* q, const void* k, const void* values,
-                             const bool* mask, void* context, void* weights, int64_t B, int64_t Tq,
-                             int64_t Tk, int64_t D, int64_t Hv) {
+                             const bool* mask, void* context, void* weights, void* /*scratch*/,
+                             int64_t B, int64_t Tq, int64_t Tk, int64_t D, int64_t Hv) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     forward<T, false>(static_cast<const T*>(q), static_cast<const T*>(k), nullptr,
@@ -304,8 +304,8 @@ void luong_attention_forward(DType dtype, const void* q, const void* k, const vo
 
 void bahdanau_attention_forward(DType dtype, const void* wq, const void* uk, const void* v,
                                 const void* values, const bool* mask, void* context,
-                                void* weights, int64_t B, int64_t Tq, int64_t Tk, int64_t D,
-                                int64_t Hv) {
+                                void* weights, void* /*scratch*/, int64_t B, int64_t Tq,
+                                int64_t Tk, int64_t D, int64_t Hv) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     forward<T, true>(static_cast<const T*>(wq), static_cast<const T*>(uk),

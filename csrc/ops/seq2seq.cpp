@@ -12,6 +12,7 @@ struct CpuSeq2seqKernels {
   struct Guard {
     explicit Guard(const at::Tensor&) {}
   };
+  static constexpr bool kScratch = false;
   static constexpr auto luong_attention_forward = &cpu::luong_attention_forward;
   static constexpr auto bahdanau_attention_forward = &cpu::bahdanau_attention_forward;
   static constexpr auto bahdanau_attention_backward = &cpu::bahdanau_attention_backward;

@@ -76,6 +76,15 @@ inline at::Tensor values_grad(const OptTensor& grad_context, const at::Tensor& v
   return at::bmm(weights.to(acc).transpose(1, 2), grad_context->to(acc)).to(values.scalar_type());
 }
 
+// The raw-score workspace of the kernels that need one (K::kScratch), else nothing.
+template <class K>
+inline at::Tensor scratch_for(const at::Tensor& q, int64_t B, int64_t Tq, int64_t Tk) {
+  if (!K::kScratch) return at::Tensor();
+  return at::empty({B, Tq, Tk}, q.options().dtype(acc_type(q)));
+}
+
+inline void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
 inline const bool* mask_ptr(const at::Tensor& m) { return m.defined() ? m.data_ptr<bool>() : nullptr; }
 
 template <class K>
@@ -93,8 +102,10 @@ struct Ops {
     const at::Tensor q = query.contiguous(), k = keys.contiguous(), v = values.contiguous();
     const at::Tensor m = has(key_padding_mask) ? key_padding_mask->contiguous() : at::Tensor();
     if (B * Tq > 0) {
+      const at::Tensor scratch = scratch_for<K>(q, B, Tq, Tk);
       K::luong_attention_forward(dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(), mask_ptr(m),
-                                 context.data_ptr(), weights.data_ptr(), B, Tq, Tk, D, Hv);
+                                 context.data_ptr(), weights.data_ptr(), opt_ptr(scratch), B, Tq,
+                                 Tk, D, Hv);
     }
     return {context, weights};
   }
@@ -128,9 +139,10 @@ struct Ops {
                      val = values.contiguous();
     const at::Tensor m = has(key_padding_mask) ? key_padding_mask->contiguous() : at::Tensor();
     if (B * Tq > 0) {
+      const at::Tensor scratch = scratch_for<K>(a, B, Tq, Tk);
       K::bahdanau_attention_forward(dtype, a.data_ptr(), b.data_ptr(), vv.data_ptr(),
                                     val.data_ptr(), mask_ptr(m), context.data_ptr(),
-                                    weights.data_ptr(), B, Tq, Tk, D, Hv);
+                                    weights.data_ptr(), opt_ptr(scratch), B, Tq, Tk, D, Hv);
     }
     return {context, weights};
   }

@@ -8,6 +8,9 @@
 // for float64): backward outputs are written in Acc so that sums over many rows stay exact-ish,
 // and the caller rounds them once.
 //
+// scratch: [B, Tq, Tk] (Acc) workspace for the raw scores, for the kernels that need one (CUDA);
+// the CPU kernels keep them in per-thread buffers and take nullptr.
+//
 // Masking: mask [B, Tk] bool or nullptr, true = padding (weight 0). A query row with every key
 // masked (or Tk = 0) gets zero weights and a zero context.
 #pragma once
@@ -26,14 +29,15 @@ namespace pyseqk {
   /* context [B, Tq, Hv] (T) out; weights [B, Tq, Tk] (T) out.                                */ \
   /* score[b,i,j] = q[b,i] . k[b,j]                                                           */ \
   void luong_attention_forward(DType dtype, const void* q, const void* k, const void* values,    \
-                               const bool* mask, void* context, void* weights, int64_t B,        \
-                               int64_t Tq, int64_t Tk, int64_t D, int64_t Hv STREAM_ARG);        \
+                               const bool* mask, void* context, void* weights, void* scratch,    \
+                               int64_t B, int64_t Tq, int64_t Tk, int64_t D,                     \
+                               int64_t Hv STREAM_ARG);                                           \
   /* The same with score[b,i,j] = sum_u v[u] tanh(wq[b,i,u] + uk[b,j,u]); wq [B, Tq, D],      */ \
   /* uk [B, Tk, D], v [D] (all T). The [B, Tq, Tk, D] tanh tensor is never stored.            */ \
   void bahdanau_attention_forward(DType dtype, const void* wq, const void* uk, const void* v,    \
                                   const void* values, const bool* mask, void* context,           \
-                                  void* weights, int64_t B, int64_t Tq, int64_t Tk, int64_t D,   \
-                                  int64_t Hv STREAM_ARG);                                        \
+                                  void* weights, void* scratch, int64_t B, int64_t Tq,           \
+                                  int64_t Tk, int64_t D, int64_t Hv STREAM_ARG);                 \
   /* Backward of the score through the tanh, recomputing t = tanh(wq[b,i] + uk[b,j]) per      */ \
   /* (i, j) tile: ds [B, Tq, Tk] (Acc) = d loss / d score;                                    */ \
   /* dwq [B, Tq, D] (Acc) out = sum_j ds v (1 - t^2); duk [B, Tk, D] (Acc) out = sum_i ...;   */ \
