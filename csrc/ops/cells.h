@@ -70,6 +70,26 @@ cell_gemm_backward(const at::Tensor& dgi, const at::Tensor& dgh, const at::Tenso
   return {grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
+// out [B, N] (a view with unit column stride) = a [B, Ka] wa^T (+ b [B, Kb] wb^T when b is
+// defined): the kernel set's small-batch path or packed-weight GEMM where it has them, else
+// ATen's GEMM.
+template <class K>
+void gate_sums(at::Tensor& out, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b,
+               const at::Tensor& wb) {
+  const int64_t B = a.size(0), N = wa.size(0);
+  if (B <= K::kMaxSmallBatch && a.is_contiguous() && wa.is_contiguous() &&
+      (!b.defined() || (b.is_contiguous() && wb.is_contiguous())) && out.stride(1) == 1 &&
+      K::small_batch_gates(to_dtype(a, "input"), a.data_ptr(), wa.data_ptr(), a.size(1),
+                           b.defined() ? b.data_ptr() : nullptr,
+                           b.defined() ? wb.data_ptr() : nullptr, b.defined() ? b.size(1) : 0,
+                           out.data_ptr(), out.stride(0), B, N)) {
+    return;
+  }
+  if (K::packed_gates(out, a, wa, b, wb)) return;
+  at::mm_out(out, a, wa.t());
+  if (b.defined()) out.addmm_(b, wb.t());
+}
+
 template <class K>
 struct Cells {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell(
@@ -81,8 +101,8 @@ struct Cells {
                 ", got ", cx.sizes());
     typename K::Guard guard(input);
     const int64_t B = input.size(0), H = hx.size(1);
-    at::Tensor ws = at::mm(input, w_ih.t());
-    ws.addmm_(hx, w_hh.t());
+    at::Tensor ws = at::empty({B, 4 * H}, input.options());
+    gate_sums<K>(ws, input, w_ih, hx, w_hh);
     at::Tensor hy = at::empty({B, H}, input.options());
     at::Tensor cy = at::empty({B, H}, input.options());
     const at::Tensor cxc = cx.contiguous(), bi = contig(b_ih), bh = contig(b_hh);
@@ -120,8 +140,8 @@ struct Cells {
     const int64_t B = input.size(0), H = hx.size(1);
     at::Tensor ws = at::empty({B, 6 * H}, input.options());
     at::Tensor gi = ws.narrow(1, 0, 3 * H), gh = ws.narrow(1, 3 * H, 3 * H);
-    at::mm_out(gi, input, w_ih.t());
-    at::mm_out(gh, hx, w_hh.t());
+    gate_sums<K>(gi, input, w_ih, at::Tensor(), at::Tensor());
+    gate_sums<K>(gh, hx, w_hh, at::Tensor(), at::Tensor());
     at::Tensor hy = at::empty({B, H}, input.options());
     const at::Tensor hxc = hx.contiguous(), bi = contig(b_ih), bh = contig(b_hh);
     if (B * H > 0) {
@@ -154,8 +174,8 @@ struct Cells {
     const DType dtype = check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, 1);
     typename K::Guard guard(input);
     const int64_t B = input.size(0), H = hx.size(1);
-    at::Tensor hy = at::mm(input, w_ih.t());
-    hy.addmm_(hx, w_hh.t());
+    at::Tensor hy = at::empty({B, H}, input.options());
+    gate_sums<K>(hy, input, w_ih, hx, w_hh);
     const at::Tensor bi = contig(b_ih), bh = contig(b_hh);
     if (B * H > 0) K::rnn_cell_forward(dtype, kRelu, hy.data_ptr(), ptr(bi), ptr(bh), B, H);
     return hy;

@@ -34,6 +34,16 @@ struct CudaKernels {
   static constexpr OnStream<&cuda::gru_cell_backward> gru_cell_backward{};
   static constexpr OnStream<&cuda::rnn_cell_forward> rnn_cell_forward{};
   static constexpr OnStream<&cuda::rnn_cell_backward> rnn_cell_backward{};
+  // cuBLAS for every batch size.
+  static constexpr int64_t kMaxSmallBatch = 0;
+  static bool small_batch_gates(DType, const void*, const void*, int64_t, const void*, const void*,
+                                int64_t, void*, int64_t, int64_t, int64_t) {
+    return false;
+  }
+  static bool packed_gates(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&) {
+    return false;
+  }
 };
 
 }  // namespace

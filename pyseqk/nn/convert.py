@@ -15,6 +15,9 @@ SWAPS: dict[type, type] = {
     torch.nn.RNNCell: rnn.RNNCell,
     torch.nn.LSTMCell: rnn.LSTMCell,
     torch.nn.GRUCell: rnn.GRUCell,
+    torch.nn.RNN: rnn.RNN,
+    torch.nn.LSTM: rnn.LSTM,
+    torch.nn.GRU: rnn.GRU,
 }
 
 
@@ -22,8 +25,12 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
     """Replace every torch.nn module that pyseqk has a drop-in for, in place; return ``model``."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"pyseqk.convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    swapped = False
     for module in model.modules():
         target = SWAPS.get(type(module))
         if target is not None:
             module.__class__ = target
+            swapped = True
+    if swapped:
+        rnn._let_dynamo_trace()  # what construction does for pyseqk's RNN/LSTM/GRU
     return model

@@ -43,6 +43,13 @@ namespace pyseqk {
 
 namespace cpu {
 PYSEQK_CELL_KERNELS()
+
+// Batches of at most this many rows get their gate sums from small_batch_gates.
+constexpr int64_t kMaxSmallBatch = 4;
+// out [B, N] (row stride ldo) = x [B, I] w_ih[N, I]^T + h [B, H] w_hh[N, H]^T (H may be 0), for
+// float32 and 1 <= B <= kMaxSmallBatch, all contiguous; returns false (does nothing) otherwise.
+bool small_batch_gates(DType dtype, const void* x, const void* w_ih, int64_t I, const void* h,
+                       const void* w_hh, int64_t H, void* out, int64_t ldo, int64_t B, int64_t N);
 }  // namespace cpu
 
 namespace cuda {
