@@ -29,6 +29,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from . import _common, gru, lstm, rnn
+from . import seq2seq_attention
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16", "fp16")
@@ -73,6 +74,7 @@ def all_kernels() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
                 (f"rnn_{act}_cell_bwd", rnn._rnn_cell_bwd_kernel, _sig(dt, "hy_ptr dhy_ptr dpre_ptr"),
                  dict(RELU=relu, **blk)),
             ]
+        rows += seq2seq_attention.aot_kernels(dt)
     return [(f"{name}[{_dtype_of(sig)}]", k, sig, c) for name, k, sig, c in rows]
 
 

@@ -326,3 +326,103 @@ def positional_encoding(input: Tensor, dropout_p: float = 0.0, training: bool = 
     if backend == "reference":
         return reference.positional_encoding(input, p, seed, batch_first)
     return _posenc_op(backend, "positional_encoding")(input, p, seed, batch_first)
+
+# seq2seq attention (Luong, Bahdanau): ops in csrc/ops/seq2seq.cpp, autograd in _seq2seq_ops.py.
+# key_padding_mask: bool [B, Tk], True = padding. A query row whose keys are all padding gets
+# zero weights and a zero context (and passes no gradient), not a softmax's NaN.
+
+from . import _seq2seq_ops  # noqa: E402,F401  (registers fake kernels and autograd)
+
+_triton_seq2seq_loaded = False
+
+
+def _seq2seq_op(backend: str, name: str):
+    global _triton_seq2seq_loaded
+    if backend == "triton":
+        if not _triton_seq2seq_loaded:
+            from . import _triton_seq2seq_ops  # noqa: F401  (defines torch.ops.pyseqk.triton_*)
+
+            _triton_seq2seq_loaded = True
+        return getattr(torch.ops.pyseqk, "triton_" + name)
+    return getattr(torch.ops.pyseqk, name)
+
+
+def _shape(t):
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_seq2seq(q, qn, k, kn, values, mask, v=None):
+    """The checks of csrc/ops/seq2seq.h (check_attention), message for message, for the backends
+    that are not C++. q/k are the two sides of the score (query/keys or wq/uk)."""
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"pyseqk: {qn} must be float32, float64, float16 or bfloat16, got {q.dtype}")
+    for name, t, shape in ((qn, q, "[batch, query_len, features]"), (kn, k, "[batch, key_len, features]"),
+                           ("values", values, "[batch, key_len, value_size]")):
+        if t.dim() != 3:
+            raise RuntimeError(f"pyseqk: {name} must be 3-D {shape}, got shape {_shape(t)}")
+    for name, t in ((kn, k), ("values", values), ("v", v)):
+        if t is None:
+            continue
+        if t.device != q.device:
+            raise RuntimeError(f"pyseqk: {name} is on {t.device} but {qn} is on {q.device}; "
+                               "expected all tensors on one device")
+        if t.dtype != q.dtype:
+            raise TypeError(f"pyseqk: {name} has dtype {t.dtype} but {qn} has dtype {q.dtype}; "
+                            "expected one dtype")
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise RuntimeError(f"pyseqk: {kn} must have shape [{q.shape[0]}, key_len, {q.shape[2]}] "
+                           f"(batch and features of {qn}), got {_shape(k)}")
+    if values.shape[0] != k.shape[0] or values.shape[1] != k.shape[1]:
+        raise RuntimeError(f"pyseqk: values must have shape [{k.shape[0]}, {k.shape[1]}, value_size] "
+                           f"(batch and key_len of {kn}), got {_shape(values)}")
+    if mask is not None:
+        if mask.device != q.device:
+            raise RuntimeError(f"pyseqk: key_padding_mask is on {mask.device} but {qn} is on "
+                               f"{q.device}; expected all tensors on one device")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"pyseqk: key_padding_mask must be a bool tensor (True = padding), got {mask.dtype}")
+        if mask.dim() != 2 or mask.shape[0] != k.shape[0] or mask.shape[1] != k.shape[1]:
+            raise RuntimeError(f"pyseqk: key_padding_mask must have shape [{k.shape[0]}, {k.shape[1]}] "
+                               f"([batch, key_len]), got {_shape(mask)}")
+    if v is not None and (v.dim() != 1 or v.shape[0] != q.shape[2]):
+        raise RuntimeError(f"pyseqk: v must have shape [{q.shape[2]}] ([units], Va.weight flattened), "
+                           f"got {_shape(v)}")
+
+
+def luong_attention(query: Tensor, keys: Tensor, values: Tensor | None = None,
+                    key_padding_mask: Tensor | None = None, weight: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """Luong attention: query [B, Tq, Hq], keys [B, Tk, Hk], values [B, Tk, Hv] (default: keys),
+    key_padding_mask bool [B, Tk] (True = padding) or None. Without ``weight`` the score is the dot
+    product q . k (Hq = Hk); with weight [Hq, Hk] it is "general", (q W) . k, computed as one GEMM
+    on the query followed by the dot form. Returns (context [B, Tq, Hv], weights [B, Tq, Tk])."""
+    if values is None:
+        values = keys
+    if weight is not None:
+        if weight.dim() != 2 or weight.shape[0] != query.shape[-1] or weight.shape[1] != keys.shape[-1]:
+            raise RuntimeError(f"pyseqk: weight must have shape [{query.shape[-1]}, {keys.shape[-1]}] "
+                               f"([query features, key features]), got {_shape(weight)}")
+        query = torch.matmul(query, weight)
+    backend = backends.resolve(query.device)
+    if backend in ("reference", "triton"):
+        check_seq2seq(query, "query", keys, "keys", values, key_padding_mask)
+        if backend == "reference":
+            return reference.luong_attention(query, keys, values, key_padding_mask)
+    return tuple(_seq2seq_op(backend, "luong_attention")(query, keys, values, key_padding_mask))
+
+
+def bahdanau_attention(wq: Tensor, uk: Tensor, v: Tensor, values: Tensor,
+                       key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Bahdanau (additive) attention on projected inputs: wq [B, Tq, U] = Wa(query), uk [B, Tk, U]
+    = Ua(keys), v [U] or [1, U] = Va.weight, values [B, Tk, Hv]. score[b,i,j] = v . tanh(wq[b,i] +
+    uk[b,j]) (Va's bias shifts every score of a row alike and cancels in the softmax). The
+    [B, Tq, Tk, U] tanh tensor is never materialised, forward or backward (except on the
+    reference backend). Returns (context [B, Tq, Hv], weights [B, Tq, Tk])."""
+    if v.dim() == 2 and v.shape[0] == 1:
+        v = v.reshape(-1)
+    backend = backends.resolve(wq.device)
+    if backend in ("reference", "triton"):
+        check_seq2seq(wq, "wq", uk, "uk", values, key_padding_mask, v)
+        if backend == "reference":
+            return reference.bahdanau_attention(wq, uk, v, values, key_padding_mask)
+    return tuple(_seq2seq_op(backend, "bahdanau_attention")(wq, uk, v, values, key_padding_mask))

@@ -204,3 +204,35 @@ def positional_encoding(x, dropout_p=0.0, seed=None, batch_first=False):
             scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
             out = out * (keep.view(out.shape).to(out.dtype) * scale)
     return out
+
+# seq2seq attention (Luong, Bahdanau). query/wq [B, Tq, *], keys/uk [B, Tk, *], values
+# [B, Tk, Hv], key_padding_mask bool [B, Tk] or None (True = padding: that key gets weight 0).
+# A query row whose keys are all padding gets zero weights and a zero context (and zero
+# gradients), not the NaN of a plain softmax over nothing. Materialises [B, Tq, Tk] (Luong) and
+# [B, Tq, Tk, U] (Bahdanau): an oracle, not a kernel.
+
+def _masked_softmax(scores, key_padding_mask):
+    if key_padding_mask is None:
+        return scores.softmax(-1)
+    pad = key_padding_mask.unsqueeze(1)                      # [B, 1, Tk]
+    empty = pad.all(-1, keepdim=True)                        # [B, 1, 1]: no key to attend to
+    # Fully masked rows are filled with 0 (not -inf) so that their softmax and its gradient
+    # stay finite, then zeroed.
+    scores = scores.masked_fill(pad & ~empty, float("-inf"))
+    return scores.softmax(-1).masked_fill(pad | empty, 0.0)
+
+
+def luong_attention(query, keys, values, key_padding_mask=None):
+    """Luong dot attention: score[b,i,j] = query[b,i] . keys[b,j]. ("general" is dot attention
+    on query @ W.) Returns (context [B, Tq, Hv], weights [B, Tq, Tk])."""
+    weights = _masked_softmax(query @ keys.transpose(1, 2), key_padding_mask)
+    return weights @ values, weights
+
+
+def bahdanau_attention(wq, uk, v, values, key_padding_mask=None):
+    """Bahdanau additive attention: score[b,i,j] = v . tanh(wq[b,i] + uk[b,j]), wq [B, Tq, U]
+    = Wa(query), uk [B, Tk, U] = Ua(keys), v [U] = Va.weight. Va's bias adds the same number to
+    every score of a row and cancels in the softmax. Returns (context, weights)."""
+    scores = torch.tanh(wq.unsqueeze(2) + uk.unsqueeze(1)) @ v   # [B, Tq, Tk]
+    weights = _masked_softmax(scores, key_padding_mask)
+    return weights @ values, weights
