@@ -29,6 +29,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from . import _common, gru, lstm, rnn
+from . import layers as _layers
 from . import seq2seq_attention
 
 ARCHS = (80, 90)
@@ -75,7 +76,40 @@ def all_kernels() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
                  dict(RELU=relu, **blk)),
             ]
         rows += seq2seq_attention.aot_kernels(dt)
+        rows += _layer_kernels(dt)
     return [(f"{name}[{_dtype_of(sig)}]", k, sig, c) for name, k, sig, c in rows]
+
+
+def _layer_kernels(dt: str) -> list:
+    """The whole-sequence layer kernels (kernels/layers.py), every optional input present;
+    len_ptr is int64, the backward's gradient carries (dh, dc) fp32."""
+    blk = {"BLOCK_H": _layers.BLOCK_H, "BLOCK_K": _layers.BLOCK_K}
+
+    def sig(pointers, ints="T B H", acc=""):
+        s = _sig(dt, pointers, ints)
+        s["len_ptr"] = "*i64"
+        s.update({name: "*fp32" for name in acc.split()})
+        return s
+
+    return [
+        ("lstm_layer_fwd", _layers._lstm_layer_fwd_kernel,
+         sig("gates_ptr whh_ptr whr_ptr hs_ptr cs_ptr ms_ptr out_ptr", "T B H P"),
+         dict(REVERSE=False, HAS_LEN=True, PROJ=True, **blk)),
+        ("lstm_layer_bwd", _layers._lstm_layer_bwd_kernel,
+         sig("gates_ptr whh_ptr whr_ptr cs_ptr go_ptr dg_ptr dr_ptr", "T B H P", "dh_ptr dc_ptr"),
+         dict(REVERSE=False, HAS_LEN=True, PROJ=True, HAS_GO=True, **blk)),
+        ("gru_layer_fwd", _layers._gru_layer_fwd_kernel,
+         sig("gi_ptr whh_ptr bhn_ptr hs_ptr ws_ptr out_ptr"),
+         dict(REVERSE=False, HAS_LEN=True, HAS_BHN=True, **blk)),
+        ("gru_layer_bwd", _layers._gru_layer_bwd_kernel,
+         sig("ws_ptr whh_ptr hs_ptr go_ptr dgi_ptr dgh_ptr", acc="dh_ptr"),
+         dict(REVERSE=False, HAS_LEN=True, HAS_GO=True, **blk)),
+        ("rnn_layer_fwd", _layers._rnn_layer_fwd_kernel, sig("pre_ptr whh_ptr hs_ptr out_ptr"),
+         dict(RELU=False, REVERSE=False, HAS_LEN=True, **blk)),
+        ("rnn_layer_bwd", _layers._rnn_layer_bwd_kernel,
+         sig("hs_ptr whh_ptr go_ptr dp_ptr", acc="dh_ptr"),
+         dict(RELU=False, REVERSE=False, HAS_LEN=True, HAS_GO=True, **blk)),
+    ]
 
 
 def _dtype_of(signature: dict[str, str]) -> str:

@@ -1,0 +1,323 @@
+// Per-step kernels of the whole-sequence layers on the CPU: the gate math of cell_math.h over the
+// batch, with per-row validity (lengths), vectorized with at::vec and split over the cores with
+// at::parallel_for. The time loop and its GEMMs are in csrc/ops/layers.h.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cpu/vec_io.h"
+#include "pyseqk/layer_kernels.h"
+
+namespace pyseqk {
+namespace cpu {
+namespace {
+
+template <class F>
+void dispatch(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat64: return f(double{});
+    case DType::kFloat16: return f(c10::Half{});
+    case DType::kBFloat16: return f(c10::BFloat16{});
+  }
+}
+
+inline bool valid(const int64_t* lengths, int64_t t, int64_t b) {
+  return lengths == nullptr || t < lengths[b];
+}
+
+template <class T>
+inline void vzero(T* p, int64_t n) {
+  vstore(p, OpVec<T>(0), n);
+}
+
+template <class T>
+inline void vcopy(const T* src, T* dst, int64_t n) {
+  vstore(dst, vload(src, n), n);
+}
+
+template <class T>
+void lstm_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, T* gates, const T* c_prev,
+              T* c_new, const T* h_prev, T* h_new, T* out) {
+  using V = OpVec<T>;
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    const int64_t o = b * H + j;
+    if (!valid(len, t, b)) {
+      vcopy(c_prev + o, c_new + o, n);
+      if (h_prev) {
+        vcopy(h_prev + o, h_new + o, n);
+      } else {
+        vzero(h_new + o, n);
+      }
+      if (out) vzero(out + o, n);
+      return;
+    }
+    T* g = gates + b * 4 * H;
+    const auto a = math::lstm_activate(vload(g + j, n), vload(g + H + j, n),
+                                       vload(g + 2 * H + j, n), vload(g + 3 * H + j, n));
+    V c, h;
+    math::lstm_state(a, vload(c_prev + o, n), c, h);
+    vstore(g + j, a.i, n);
+    vstore(g + H + j, a.f, n);
+    vstore(g + 2 * H + j, a.g, n);
+    vstore(g + 3 * H + j, a.o, n);
+    vstore(c_new + o, c, n);
+    vstore(h_new + o, h, n);
+    if (out) vstore(out + o, h, n);
+  });
+}
+
+template <class T>
+void lstm_bwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* gates,
+              const T* c_prev, const T* c_new, const T* dh, const T* grad_out, T* dc, T* dgates,
+              T* dh_next) {
+  using V = OpVec<T>;
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    const int64_t o = b * H + j;
+    T* dg = dgates + b * 4 * H;
+    if (!valid(len, t, b)) {
+      for (int k = 0; k < 4; ++k) vzero(dg + k * H + j, n);
+      if (dh_next) vcopy(dh + o, dh_next + o, n);
+      return;
+    }
+    const T* g = gates + b * 4 * H;
+    const math::LstmGates<V> a{vload(g + j, n), vload(g + H + j, n), vload(g + 2 * H + j, n),
+                               vload(g + 3 * H + j, n)};
+    V dht = vload(dh + o, n);
+    if (grad_out) dht = dht + vload(grad_out + o, n);
+    math::LstmGates<V> d;
+    V dc_prev;
+    math::lstm_backward(a, vload(c_prev + o, n), vload(c_new + o, n), dht, vload(dc + o, n), d,
+                        dc_prev);
+    vstore(dg + j, d.i, n);
+    vstore(dg + H + j, d.f, n);
+    vstore(dg + 2 * H + j, d.g, n);
+    vstore(dg + 3 * H + j, d.o, n);
+    vstore(dc + o, dc_prev, n);
+    if (dh_next) vzero(dh_next + o, n);
+  });
+}
+
+template <class T>
+void select(int64_t t, const int64_t* len, int64_t B, int64_t P, T* out, const T* h_prev,
+            T* h_new) {
+  for_each_lane_group<T>(B, P, [&](int64_t b, int64_t j, int64_t n) {
+    const int64_t o = b * P + j;
+    if (valid(len, t, b)) {
+      vcopy(out + o, h_new + o, n);
+    } else {
+      vcopy(h_prev + o, h_new + o, n);
+      vzero(out + o, n);
+    }
+  });
+}
+
+template <class T>
+void grad(int64_t t, const int64_t* len, int64_t B, int64_t P, const T* dh, const T* grad_out,
+          T* dr, T* dh_next) {
+  for_each_lane_group<T>(B, P, [&](int64_t b, int64_t j, int64_t n) {
+    const int64_t o = b * P + j;
+    if (valid(len, t, b)) {
+      auto v = vload(dh + o, n);
+      if (grad_out) v = v + vload(grad_out + o, n);
+      vstore(dr + o, v, n);
+      vzero(dh_next + o, n);
+    } else {
+      vzero(dr + o, n);
+      vcopy(dh + o, dh_next + o, n);
+    }
+  });
+}
+
+template <class T>
+void gru_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* gi, const T* gh,
+             const T* b_hn, const T* h_prev, T* ws, T* h_new, T* out) {
+  using V = OpVec<T>;
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    const int64_t o = b * H + j;
+    T* w = ws + b * 4 * H;
+    if (!valid(len, t, b)) {
+      // The workspace is an op output: defined values even where backward never reads them.
+      for (int k = 0; k < 4; ++k) vzero(w + k * H + j, n);
+      vcopy(h_prev + o, h_new + o, n);
+      vzero(out + o, n);
+      return;
+    }
+    const T* x = gi + b * 3 * H;
+    const T* h = gh + b * 3 * H;
+    const V hn = vload(h + 2 * H + j, n) + (b_hn ? vload(b_hn + j, n) : V(0));
+    const auto a = math::gru_activate(vload(x + j, n), vload(x + H + j, n),
+                                      vload(x + 2 * H + j, n), vload(h + j, n),
+                                      vload(h + H + j, n), hn);
+    const V hy = math::gru_state(a, vload(h_prev + o, n));
+    vstore(w + j, a.r, n);
+    vstore(w + H + j, a.z, n);
+    vstore(w + 2 * H + j, a.n, n);
+    vstore(w + 3 * H + j, a.hn, n);
+    vstore(h_new + o, hy, n);
+    vstore(out + o, hy, n);
+  });
+}
+
+template <class T>
+void gru_bwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* ws, const T* h_prev,
+             const T* dh, const T* grad_out, T* dgi, T* dgh, T* dh_next) {
+  using V = OpVec<T>;
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    const int64_t o = b * H + j;
+    T* di = dgi + b * 3 * H;
+    T* dhh = dgh + b * 3 * H;
+    if (!valid(len, t, b)) {
+      for (int k = 0; k < 3; ++k) {
+        vzero(di + k * H + j, n);
+        vzero(dhh + k * H + j, n);
+      }
+      vcopy(dh + o, dh_next + o, n);
+      return;
+    }
+    const T* w = ws + b * 4 * H;
+    const math::GruGates<V> a{vload(w + j, n), vload(w + H + j, n), vload(w + 2 * H + j, n),
+                              vload(w + 3 * H + j, n)};
+    V dht = vload(dh + o, n);
+    if (grad_out) dht = dht + vload(grad_out + o, n);
+    const auto d = math::gru_backward(a, vload(h_prev + o, n), dht);
+    vstore(di + j, d.r, n);
+    vstore(di + H + j, d.z, n);
+    vstore(di + 2 * H + j, d.in, n);
+    vstore(dhh + j, d.r, n);
+    vstore(dhh + H + j, d.z, n);
+    vstore(dhh + 2 * H + j, d.hn, n);
+    vstore(dh_next + o, d.h_direct, n);
+  });
+}
+
+template <class T, bool kRelu>
+void rnn_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* pre, const T* h_prev,
+             T* h_new, T* out) {
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    const int64_t o = b * H + j;
+    if (!valid(len, t, b)) {
+      vcopy(h_prev + o, h_new + o, n);
+      vzero(out + o, n);
+      return;
+    }
+    const auto h = math::rnn_activate<OpVec<T>, kRelu>(vload(pre + o, n));
+    vstore(h_new + o, h, n);
+    vstore(out + o, h, n);
+  });
+}
+
+template <class T, bool kRelu>
+void rnn_bwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* h_new, const T* dh,
+             const T* grad_out, T* dpre, T* dh_next) {
+  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+    const int64_t o = b * H + j;
+    if (!valid(len, t, b)) {
+      vzero(dpre + o, n);
+      vcopy(dh + o, dh_next + o, n);
+      return;
+    }
+    auto dht = vload(dh + o, n);
+    if (grad_out) dht = dht + vload(grad_out + o, n);
+    vstore(dpre + o, math::rnn_backward<OpVec<T>, kRelu>(vload(h_new + o, n), dht), n);
+    vzero(dh_next + o, n);
+  });
+}
+
+template <class T>
+T* p(void* x) {
+  return static_cast<T*>(x);
+}
+template <class T>
+const T* p(const void* x) {
+  return static_cast<const T*>(x);
+}
+
+}  // namespace
+
+void lstm_layer_forward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
+                             void* gates, const void* c_prev, void* c_new, const void* h_prev,
+                             void* h_new, void* out) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    lstm_fwd<T>(t, lengths, B, H, p<T>(gates), p<T>(c_prev), p<T>(c_new), p<T>(h_prev),
+                p<T>(h_new), p<T>(out));
+  });
+}
+
+void lstm_layer_backward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B,
+                              int64_t H, const void* gates, const void* c_prev, const void* c_new,
+                              const void* dh, const void* grad_out, void* dc, void* dgates,
+                              void* dh_next) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    lstm_bwd<T>(t, lengths, B, H, p<T>(gates), p<T>(c_prev), p<T>(c_new), p<T>(dh),
+                p<T>(grad_out), p<T>(dc), p<T>(dgates), p<T>(dh_next));
+  });
+}
+
+void layer_select_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t P,
+                       void* out, const void* h_prev, void* h_new) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    select<T>(t, lengths, B, P, p<T>(out), p<T>(h_prev), p<T>(h_new));
+  });
+}
+
+void layer_grad_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t P,
+                     const void* dh, const void* grad_out, void* dr, void* dh_next) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    grad<T>(t, lengths, B, P, p<T>(dh), p<T>(grad_out), p<T>(dr), p<T>(dh_next));
+  });
+}
+
+void gru_layer_forward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
+                            const void* gi, const void* gh, const void* b_hn, const void* h_prev,
+                            void* ws, void* h_new, void* out) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gru_fwd<T>(t, lengths, B, H, p<T>(gi), p<T>(gh), p<T>(b_hn), p<T>(h_prev), p<T>(ws),
+               p<T>(h_new), p<T>(out));
+  });
+}
+
+void gru_layer_backward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
+                             const void* ws, const void* h_prev, const void* dh,
+                             const void* grad_out, void* dgi, void* dgh, void* dh_next) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gru_bwd<T>(t, lengths, B, H, p<T>(ws), p<T>(h_prev), p<T>(dh), p<T>(grad_out), p<T>(dgi),
+               p<T>(dgh), p<T>(dh_next));
+  });
+}
+
+void rnn_layer_forward_step(DType dtype, bool relu, int64_t t, const int64_t* lengths, int64_t B,
+                            int64_t H, const void* pre, const void* h_prev, void* h_new,
+                            void* out) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (relu) {
+      rnn_fwd<T, true>(t, lengths, B, H, p<T>(pre), p<T>(h_prev), p<T>(h_new), p<T>(out));
+    } else {
+      rnn_fwd<T, false>(t, lengths, B, H, p<T>(pre), p<T>(h_prev), p<T>(h_new), p<T>(out));
+    }
+  });
+}
+
+void rnn_layer_backward_step(DType dtype, bool relu, int64_t t, const int64_t* lengths, int64_t B,
+                             int64_t H, const void* h_new, const void* dh, const void* grad_out,
+                             void* dpre, void* dh_next) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (relu) {
+      rnn_bwd<T, true>(t, lengths, B, H, p<T>(h_new), p<T>(dh), p<T>(grad_out), p<T>(dpre),
+                       p<T>(dh_next));
+    } else {
+      rnn_bwd<T, false>(t, lengths, B, H, p<T>(h_new), p<T>(dh), p<T>(grad_out), p<T>(dpre),
+                        p<T>(dh_next));
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace pyseqk

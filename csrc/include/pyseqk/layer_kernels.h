@@ -1,0 +1,78 @@
+// Launcher declarations of the per-step kernels of the whole-sequence layers (lstm_layer,
+// gru_layer, rnn_layer): the CPU versions (csrc/cpu/layers.cpp) and the CUDA versions
+// (csrc/cuda/layers.cu) take the same arguments. Torch-free.
+//
+// The time loop lives in csrc/ops/layers.h; per step it runs one GEMM (h_{t-1} W_hh^T, or
+// dgates W_hh backward) and one of these kernels over the whole batch. Every pointer is a
+// contiguous row-major block of the kernel's dtype for time step t; B = batch, H = hidden size,
+// P = projected size (H without projection).
+//
+// lengths: int64 [B] on the kernel's device, or nullptr (every row valid). Row b is valid at
+// step t when t < lengths[b]; an invalid row carries its state unchanged (new = prev), its output
+// is zero and its gate gradients are zero (so that the weight-gradient GEMMs over all steps may
+// include it), and the gradient flowing back through it is passed on unchanged.
+#pragma once
+
+#include <cstdint>
+
+#include "pyseqk/dtype.h"
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace pyseqk {
+
+#define PYSEQK_LAYER_KERNELS(STREAM_ARG)                                                          \
+  /* gates  [B, 4H] in: x W_ih^T + b_ih + b_hh + h W_hh^T; out: activated i, f, g, o           */ \
+  /* c_prev, c_new [B, H]                                                                      */ \
+  /* h_prev [B, H] or nullptr: with it, h_new = o tanh(c) (invalid rows: h_prev); without it  */  \
+  /*        (projection) h_new receives m = o tanh(c) (invalid rows: 0)                        */ \
+  /* out    [B, H] or nullptr: h_new on valid rows, 0 on invalid ones                          */ \
+  void lstm_layer_forward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B,        \
+                               int64_t H, void* gates, const void* c_prev, void* c_new,          \
+                               const void* h_prev, void* h_new, void* out STREAM_ARG);           \
+  /* gates [B, 4H] activated; c_prev, c_new [B, H]; dh [B, H] gradient of h (or of m)          */ \
+  /* grad_out [B, H] or nullptr: added to dh; dc [B, H] in: grad of c_new, out: of c_prev     */  \
+  /* dgates [B, 4H] out; dh_next [B, H] or nullptr: 0 on valid rows, dh on invalid rows        */ \
+  void lstm_layer_backward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B,       \
+                                int64_t H, const void* gates, const void* c_prev,                \
+                                const void* c_new, const void* dh, const void* grad_out,         \
+                                void* dc, void* dgates, void* dh_next STREAM_ARG);               \
+  /* After a projection written into out [B, P]: h_new = out on valid rows; h_new = h_prev and */ \
+  /* out = 0 on invalid rows.                                                                  */ \
+  void layer_select_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t P,   \
+                         void* out, const void* h_prev, void* h_new STREAM_ARG);                 \
+  /* dr = dh + grad_out (grad_out may be nullptr), dh_next = 0 on valid rows;                  */ \
+  /* dr = 0, dh_next = dh on invalid rows. All [B, P].                                         */ \
+  void layer_grad_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t P,     \
+                       const void* dh, const void* grad_out, void* dr, void* dh_next STREAM_ARG); \
+  /* gi [B, 3H]: x W_ih^T + b_ih + (b_hr, b_hz, 0); gh [B, 3H]: h W_hh^T; b_hn [H] or nullptr  */ \
+  /* ws [B, 4H] out: r, z, n, hn (hn = h W_hn^T + b_hn); h_prev, h_new, out [B, H]             */ \
+  void gru_layer_forward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B,         \
+                              int64_t H, const void* gi, const void* gh, const void* b_hn,       \
+                              const void* h_prev, void* ws, void* h_new, void* out STREAM_ARG);  \
+  /* ws [B, 4H]; h_prev, dh [B, H]; grad_out [B, H] or nullptr                                 */ \
+  /* dgi, dgh [B, 3H] out; dh_next [B, H] out: the part of dh_prev bypassing W_hh              */ \
+  void gru_layer_backward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B,        \
+                               int64_t H, const void* ws, const void* h_prev, const void* dh,    \
+                               const void* grad_out, void* dgi, void* dgh,                       \
+                               void* dh_next STREAM_ARG);                                        \
+  /* pre [B, H]: x W_ih^T + b_ih + b_hh + h W_hh^T; h_prev, h_new, out [B, H]                  */ \
+  void rnn_layer_forward_step(DType dtype, bool relu, int64_t t, const int64_t* lengths,         \
+                              int64_t B, int64_t H, const void* pre, const void* h_prev,         \
+                              void* h_new, void* out STREAM_ARG);                                \
+  /* h_new, dh [B, H]; grad_out [B, H] or nullptr; dpre [B, H] out; dh_next [B, H] out         */ \
+  void rnn_layer_backward_step(DType dtype, bool relu, int64_t t, const int64_t* lengths,        \
+                               int64_t B, int64_t H, const void* h_new, const void* dh,          \
+                               const void* grad_out, void* dpre, void* dh_next STREAM_ARG);
+
+namespace cpu {
+PYSEQK_LAYER_KERNELS()
+}  // namespace cpu
+
+namespace cuda {
+#define PYSEQK_LAYER_STREAM_ARG , cudaStream_t stream
+PYSEQK_LAYER_KERNELS(PYSEQK_LAYER_STREAM_ARG)
+#undef PYSEQK_LAYER_STREAM_ARG
+}  // namespace cuda
+
+}  // namespace pyseqk

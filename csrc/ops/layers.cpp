@@ -1,0 +1,123 @@
+// The whole-sequence layer ops: schemas (a fragment of the pyseqk library) and the CPU
+// implementations, whose per-step GEMMs call the BLAS that ATen itself uses directly: on a
+// single batch row (B = 1, H = 128) a step is a ~4 us GEMV and ATen's per-call overhead
+// (dispatcher, output checks) would cost as much again.
+#include <dlfcn.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <climits>
+
+#include "ops/layers.h"
+#include "pyseqk/layer_kernels.h"
+
+namespace pyseqk {
+namespace ops {
+namespace {
+
+// Fortran BLAS, as exported by the library holding ATen (MKL or OpenBLAS); null when absent,
+// then the GEMMs go through ATen.
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const float*, const float*, const int*, const float*, const int*,
+                         const float*, float*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const double*, const double*, const int*, const double*, const int*,
+                         const double*, double*, const int*);
+
+struct Blas {
+  sgemm_t sgemm = nullptr;
+  dgemm_t dgemm = nullptr;
+  Blas() {
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) == 0) return;
+    void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    if (lib == nullptr) return;
+    sgemm = reinterpret_cast<sgemm_t>(dlsym(lib, "sgemm_"));
+    dgemm = reinterpret_cast<dgemm_t>(dlsym(lib, "dgemm_"));
+  }
+};
+
+const Blas& blas() {
+  static const Blas b;
+  return b;
+}
+
+struct CpuLayerKernels {
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+
+  // Row-major C = op(A) op(B) + beta C is column-major C^T = op(B)^T op(A)^T: swap the operands,
+  // keep the transpose flags.
+  static void gemm(const at::Tensor& like, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+                   const void* A, int64_t lda, const void* B, int64_t ldb, double beta, void* C,
+                   int64_t ldc) {
+    if (M == 0 || N == 0) return;
+    const bool small = M < INT_MAX && N < INT_MAX && K < INT_MAX && lda < INT_MAX &&
+                       ldb < INT_MAX && ldc < INT_MAX && K > 0;
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+    const auto st = like.scalar_type();
+    if (small && st == at::kFloat && blas().sgemm) {
+      const float one = 1.f, b = static_cast<float>(beta);
+      blas().sgemm(&tra, &trb, &m, &n, &k, &one, static_cast<const float*>(B), &la,
+                   static_cast<const float*>(A), &lb, &b, static_cast<float*>(C), &lc);
+      return;
+    }
+    if (small && st == at::kDouble && blas().dgemm) {
+      const double one = 1.0;
+      blas().dgemm(&tra, &trb, &m, &n, &k, &one, static_cast<const double*>(B), &la,
+                   static_cast<const double*>(A), &lb, &beta, static_cast<double*>(C), &lc);
+      return;
+    }
+    aten_gemm(like.options(), ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+
+  static constexpr auto lstm_forward_step = &cpu::lstm_layer_forward_step;
+  static constexpr auto lstm_backward_step = &cpu::lstm_layer_backward_step;
+  static constexpr auto select_step = &cpu::layer_select_step;
+  static constexpr auto grad_step = &cpu::layer_grad_step;
+  static constexpr auto gru_forward_step = &cpu::gru_layer_forward_step;
+  static constexpr auto gru_backward_step = &cpu::gru_layer_backward_step;
+  static constexpr auto rnn_forward_step = &cpu::rnn_layer_forward_step;
+  static constexpr auto rnn_backward_step = &cpu::rnn_layer_backward_step;
+};
+
+}  // namespace
+
+// Workspaces are outputs so that autograd can save them: gates [T, B, 4H] activated (LSTM) or
+// r, z, n, hn (GRU); hs [T+1, B, P] and cs [T+1, B, H] every state in time order (see layers.h);
+// ms [T, B, H] the pre-projection o*tanh(c) (LSTM with w_hr; else empty).
+TORCH_LIBRARY_FRAGMENT(pyseqk, m) {
+  m.def(
+      "lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse) -> (Tensor output, "
+      "Tensor h_n, Tensor c_n, Tensor gates, Tensor hs, Tensor cs, Tensor ms)");
+  m.def(
+      "lstm_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
+      "Tensor input, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
+      "Tensor gates, Tensor hs, Tensor cs, Tensor ms) -> (Tensor grad_input, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+  m.def(
+      "gru_layer(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? lengths, bool reverse) -> (Tensor output, Tensor h_n, Tensor gates, Tensor hs)");
+  m.def(
+      "gru_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor w_ih, "
+      "Tensor w_hh, Tensor? lengths, bool reverse, Tensor gates, Tensor hs) -> (Tensor "
+      "grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
+      "Tensor grad_b_hh)");
+  m.def(
+      "rnn_layer(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "bool relu, Tensor? lengths, bool reverse) -> (Tensor output, Tensor h_n, Tensor hs)");
+  m.def(
+      "rnn_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor w_ih, "
+      "Tensor w_hh, bool relu, Tensor? lengths, bool reverse, Tensor hs) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(pyseqk, CPU, m) { Layers<CpuLayerKernels>::register_impls(m); }
+
+}  // namespace ops
+}  // namespace pyseqk

@@ -1,0 +1,402 @@
+// at::Tensor entry points of the whole-sequence layer ops (lstm_layer, gru_layer, rnn_layer and
+// their backward ops), written once for every device: `K` supplies the per-step kernels
+// (csrc/cpu/layers.cpp or csrc/cuda/layers.cu) and a row-major GEMM on raw pointers.
+//
+// Shape of the work: the input projection of all T steps is one GEMM with the biases folded in;
+// then a time loop, each step one GEMM h_{t-1} W_hh^T accumulated onto that step's projection,
+// and one fused kernel over the batch. Nothing is allocated inside the loop. The backward runs
+// the loop in reverse (fused gate backward, then dh_{t-1} = dgates W_hh) and computes the weight
+// gradients as single GEMMs over all T*B rows at the end.
+//
+// Saved states are stored in time order in [T+1, B, *] buffers: forward, state before step t is
+// index t and after it t+1; reverse, before t is t+1 and after it t. So h_{prev}(t) over all steps
+// is one contiguous slice (index 0..T-1 forward, 1..T reverse) for the dW_hh GEMM.
+//
+// lengths: rows valid at step t are those with t < lengths[b] in both directions. rows[t], the
+// GEMM row count of step t, is 1 + the last valid row: the valid prefix when lengths are sorted
+// in decreasing order (no work on padding); with unsorted lengths the GEMM also covers invalid
+// rows below the last valid one and the kernel ignores them (masking).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "ops/checks.h"
+
+namespace pyseqk {
+namespace ops {
+
+using OptT = c10::optional<at::Tensor>;
+
+inline bool has(const OptT& t) { return t.has_value() && t->defined(); }
+
+// Row-major C[M, N] = op(A) op(B) + beta C through ATen (any device, any dtype): the fallback
+// GEMM, and the CUDA one (cuBLAS on the current stream).
+inline void aten_gemm(const at::TensorOptions& opts, bool ta, bool tb, int64_t M, int64_t N,
+                      int64_t K, const void* A, int64_t lda, const void* B, int64_t ldb,
+                      double beta, void* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (K == 0) {
+    if (beta == 0) c.zero_();
+    return;
+  }
+  auto mat = [&](const void* X, int64_t r, int64_t cols, int64_t ld, bool tr) {
+    void* x = const_cast<void*>(X);
+    return tr ? at::from_blob(x, {cols, r}, {ld, 1}, opts).t()
+              : at::from_blob(x, {r, cols}, {ld, 1}, opts);
+  };
+  at::Tensor a = mat(A, M, K, lda, ta), b = mat(B, K, N, ldb, tb);
+  if (beta == 0) {
+    at::mm_out(c, a, b);
+  } else {
+    c.addmm_(a, b);
+  }
+}
+
+struct LayerLengths {
+  at::Tensor dev;             // int64 [B] on the input's device, or undefined
+  std::vector<int64_t> rows;  // [T]: GEMM rows of step t
+  const int64_t* ptr() const { return dev.defined() ? dev.data_ptr<int64_t>() : nullptr; }
+};
+
+inline LayerLengths layer_lengths(const OptT& lengths, const at::Tensor& input) {
+  const int64_t T = input.size(0), B = input.size(1);
+  LayerLengths out;
+  out.rows.assign(T, B);
+  if (!has(lengths)) return out;
+  const at::Tensor& l = *lengths;
+  TORCH_CHECK_TYPE(l.scalar_type() == at::kLong, "pyseqk: lengths must be int64, got ",
+                   py_dtype(l.scalar_type()));
+  TORCH_CHECK(l.dim() == 1 && l.size(0) == B, "pyseqk: lengths must have shape [B] = [", B,
+              "], got ", l.sizes());
+  TORCH_CHECK(l.device().is_cpu() || l.device() == input.device(), "pyseqk: lengths is on ",
+              l.device(), " but input is on ", input.device(),
+              "; expected lengths on the CPU or on the input's device");
+  const at::Tensor host = l.to(at::kCPU).contiguous();
+  const int64_t* v = host.data_ptr<int64_t>();
+  std::vector<int64_t> last(T + 1, 0);  // last[L]: 1 + the last row of length L
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(v[b] >= 0 && v[b] <= T, "pyseqk: lengths values must be in [0, T] = [0, ", T,
+                "], got lengths[", b, "] = ", v[b]);
+    last[v[b]] = b + 1;
+  }
+  int64_t m = 0;
+  for (int64_t t = T - 1; t >= 0; --t) {  // rows[t] = max over L > t of last[L]
+    m = std::max(m, last[t + 1]);
+    out.rows[t] = m;
+  }
+  out.dev = l.to(input.device()).contiguous();
+  return out;
+}
+
+// Shapes: input [T, B, I], h0 [B, P], w_ih [G*H, I], w_hh [G*H, P], b_ih/b_hh [G*H].
+// Returns H.
+inline int64_t check_layer(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const OptT& b_ih, const OptT& b_hh,
+                           int64_t gates, int64_t P_or_0) {
+  to_dtype(input, "input");
+  check_dim(input, 3, "input", "[T, batch, input_size]");
+  check_dim(h0, 2, "h0", "[batch, hidden_size]");
+  check_dim(w_ih, 2, "w_ih", "[gates * hidden_size, input_size]");
+  check_dim(w_hh, 2, "w_hh", "[gates * hidden_size, hidden_size]");
+  check_same(input, "input", h0, "h0");
+  check_same(input, "input", w_ih, "w_ih");
+  check_same(input, "input", w_hh, "w_hh");
+  TORCH_CHECK(w_ih.size(0) % gates == 0, "pyseqk: w_ih must have gates * hidden_size rows (",
+              gates, " gates), got shape ", w_ih.sizes());
+  const int64_t H = w_ih.size(0) / gates;
+  const int64_t P = P_or_0 > 0 ? P_or_0 : H;
+  TORCH_CHECK(w_hh.size(0) == gates * H && w_hh.size(1) == P, "pyseqk: w_hh must have shape [",
+              gates * H, ", ", P, "], got ", w_hh.sizes());
+  TORCH_CHECK(input.size(2) == w_ih.size(1), "pyseqk: input has inconsistent input_size: got ",
+              input.size(2), ", expected ", w_ih.size(1), " (w_ih.shape[1])");
+  TORCH_CHECK(h0.size(0) == input.size(1) && h0.size(1) == P, "pyseqk: h0 must have shape [",
+              input.size(1), ", ", P, "] (batch, hidden_size), got ", h0.sizes());
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (!has(*b)) continue;
+    const char* name = b == &b_ih ? "b_ih" : "b_hh";
+    check_same(input, "input", **b, name);
+    TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == gates * H, "pyseqk: ", name,
+                " must have shape [", gates * H, "], got ", (*b)->sizes());
+  }
+  return H;
+}
+
+// x W_ih^T + bias for all steps: [T, B, G] (bias undefined: no bias).
+inline at::Tensor input_projection(const at::Tensor& input, const at::Tensor& w_ih,
+                                   const at::Tensor& bias) {
+  const int64_t T = input.size(0), B = input.size(1), G = w_ih.size(0);
+  const at::Tensor x = input.reshape({T * B, input.size(2)});
+  at::Tensor out = bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
+  return out.view({T, B, G});
+}
+
+inline at::Tensor bias_sum(const OptT& a, const OptT& b) {
+  if (has(a) && has(b)) return *a + *b;
+  if (has(a)) return *a;
+  if (has(b)) return *b;
+  return at::Tensor();
+}
+
+inline const void* cptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// Typed row pointer into a [*, B, C] buffer at time index i.
+inline char* at_step(const at::Tensor& t, int64_t i) {
+  return static_cast<char*>(t.data_ptr()) + i * t.stride(0) * t.element_size();
+}
+
+template <class K>
+struct Layers {
+  // The GEMM of the loops: C[M, N] (+)= op(A) op(B), row-major.
+  static void gemm(const at::Tensor& like, bool ta, bool tb, int64_t M, int64_t N, int64_t Kd,
+                   const void* A, int64_t lda, const void* B, int64_t ldb, double beta, void* C,
+                   int64_t ldc) {
+    K::gemm(like, ta, tb, M, N, Kd, A, lda, B, ldb, beta, C, ldc);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    at::Tensor>
+  lstm_layer(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+             const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih, const OptT& b_hh,
+             const OptT& w_hr, const OptT& lengths, bool reverse) {
+    to_dtype(input, "input");
+    const bool proj = has(w_hr);
+    if (proj) {
+      check_dim(*w_hr, 2, "w_hr", "[proj_size, hidden_size]");
+      check_same(input, "input", *w_hr, "w_hr");
+    }
+    const int64_t P0 = proj ? w_hr->size(0) : 0;
+    const int64_t H = check_layer(input, h0, w_ih, w_hh, b_ih, b_hh, 4, P0);
+    const int64_t P = proj ? P0 : H;
+    if (proj) {
+      TORCH_CHECK(w_hr->size(1) == H, "pyseqk: w_hr must have shape [", P, ", ", H,
+                  "] (proj_size, hidden_size), got ", w_hr->sizes());
+    }
+    check_same(input, "input", c0, "c0");
+    const int64_t T = input.size(0), B = input.size(1), G = 4 * H;
+    TORCH_CHECK(c0.dim() == 2 && c0.size(0) == B && c0.size(1) == H,
+                "pyseqk: c0 must have shape [", B, ", ", H, "] (batch, hidden_size), got ",
+                c0.sizes());
+    const DType dtype = to_dtype(input, "input");
+    typename K::Guard guard(input);
+    const LayerLengths len = layer_lengths(lengths, input);
+    at::Tensor gates = input_projection(input, w_ih, bias_sum(b_ih, b_hh));
+    auto opts = input.options();
+    at::Tensor hs = at::empty({T + 1, B, P}, opts), cs = at::empty({T + 1, B, H}, opts);
+    at::Tensor ms = at::empty({proj ? T : 0, B, H}, opts), out = at::empty({T, B, P}, opts);
+    const int64_t first = reverse ? T : 0;
+    hs[first].copy_(h0);
+    cs[first].copy_(c0);
+    const at::Tensor whh = w_hh.contiguous();
+    const at::Tensor whr = proj ? w_hr->contiguous() : at::Tensor();
+    for (int64_t s = 0; s < T && B > 0; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
+      const int64_t m = len.rows[t];
+      gemm(input, false, true, m, G, P, at_step(hs, ip), P, whh.data_ptr(), P, 1.0,
+           at_step(gates, t), G);
+      K::lstm_forward_step(dtype, t, len.ptr(), B, H, at_step(gates, t), at_step(cs, ip),
+                           at_step(cs, in), proj ? nullptr : at_step(hs, ip),
+                           proj ? at_step(ms, t) : at_step(hs, in),
+                           proj ? nullptr : at_step(out, t));
+      if (proj) {
+        gemm(input, false, true, m, P, H, at_step(ms, t), H, whr.data_ptr(), H, 0.0,
+             at_step(out, t), P);
+        K::select_step(dtype, t, len.ptr(), B, P, at_step(out, t), at_step(hs, ip),
+                       at_step(hs, in));
+      }
+    }
+    const int64_t last = reverse ? 0 : T;
+    return {out, hs[last].clone(), cs[last].clone(), gates, hs, cs, ms};
+  }
+
+  // grad_output [T, B, P], grad_h_n [B, P], grad_c_n [B, H]: any may be undefined (zero).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    at::Tensor>
+  lstm_layer_backward(const OptT& grad_output, const OptT& grad_h_n, const OptT& grad_c_n,
+                      const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const OptT& w_hr, const OptT& lengths, bool reverse,
+                      const at::Tensor& gates, const at::Tensor& hs, const at::Tensor& cs,
+                      const at::Tensor& ms) {
+    const DType dtype = to_dtype(input, "input");
+    typename K::Guard guard(input);
+    const bool proj = has(w_hr);
+    const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+    const int64_t H = w_ih.size(0) / 4, G = 4 * H, P = hs.size(2);
+    const LayerLengths len = layer_lengths(lengths, input);
+    auto opts = input.options();
+    at::Tensor dh = has(grad_h_n) ? grad_h_n->contiguous().clone() : at::zeros({B, P}, opts);
+    at::Tensor dh2 = at::empty({B, P}, opts);
+    at::Tensor dc = has(grad_c_n) ? grad_c_n->contiguous().clone() : at::zeros({B, H}, opts);
+    const at::Tensor go = has(grad_output) ? grad_output->contiguous() : at::Tensor();
+    at::Tensor dG = at::empty({T, B, G}, opts);
+    at::Tensor dR = at::empty({proj ? T : 0, B, P}, opts);
+    at::Tensor dm = at::empty({proj ? B : 0, H}, opts);
+    const at::Tensor whh = w_hh.contiguous();
+    const at::Tensor whr = proj ? w_hr->contiguous() : at::Tensor();
+    for (int64_t s = 0; s < T && B > 0; ++s) {
+      const int64_t t = reverse ? s : T - 1 - s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
+      const int64_t m = len.rows[t];
+      const void* g = go.defined() ? at_step(go, t) : nullptr;
+      if (proj) {
+        K::grad_step(dtype, t, len.ptr(), B, P, dh.data_ptr(), g, at_step(dR, t), dh2.data_ptr());
+        gemm(input, false, false, m, H, P, at_step(dR, t), P, whr.data_ptr(), H, 0.0,
+             dm.data_ptr(), H);
+        K::lstm_backward_step(dtype, t, len.ptr(), B, H, at_step(gates, t), at_step(cs, ip),
+                              at_step(cs, in), dm.data_ptr(), nullptr, dc.data_ptr(),
+                              at_step(dG, t), nullptr);
+      } else {
+        K::lstm_backward_step(dtype, t, len.ptr(), B, H, at_step(gates, t), at_step(cs, ip),
+                              at_step(cs, in), dh.data_ptr(), g, dc.data_ptr(), at_step(dG, t),
+                              dh2.data_ptr());
+      }
+      gemm(input, false, false, m, P, G, at_step(dG, t), G, whh.data_ptr(), P, 1.0,
+           dh2.data_ptr(), P);
+      std::swap(dh, dh2);
+    }
+    const at::Tensor dG2 = dG.view({T * B, G});
+    const at::Tensor x = input.reshape({T * B, I});
+    const at::Tensor hprev = hs.narrow(0, reverse ? 1 : 0, T).reshape({T * B, P});
+    at::Tensor grad_w_hr = proj ? at::mm(dR.view({T * B, P}).t(), ms.view({T * B, H}))
+                                : at::empty({0}, opts);
+    return {at::mm(dG2, w_ih).view({T, B, I}), dh, dc, at::mm(dG2.t(), x),
+            at::mm(dG2.t(), hprev), dG2.sum(0), grad_w_hr};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer(
+      const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+      const at::Tensor& w_hh, const OptT& b_ih, const OptT& b_hh, const OptT& lengths,
+      bool reverse) {
+    const int64_t H = check_layer(input, h0, w_ih, w_hh, b_ih, b_hh, 3, 0);
+    const DType dtype = to_dtype(input, "input");
+    typename K::Guard guard(input);
+    const int64_t T = input.size(0), B = input.size(1), G = 3 * H;
+    const LayerLengths len = layer_lengths(lengths, input);
+    // r and z take both biases in the input GEMM; b_hn stays inside r * (h W_hn^T + b_hn).
+    at::Tensor bias;
+    if (has(b_hh)) {
+      bias = at::cat({b_hh->narrow(0, 0, 2 * H), at::zeros({H}, b_hh->options())});
+      if (has(b_ih)) bias = bias + *b_ih;
+    } else if (has(b_ih)) {
+      bias = *b_ih;
+    }
+    const at::Tensor b_hn = has(b_hh) ? b_hh->narrow(0, 2 * H, H).contiguous() : at::Tensor();
+    const at::Tensor gi = input_projection(input, w_ih, bias);
+    auto opts = input.options();
+    at::Tensor gh = at::empty({B, G}, opts);
+    at::Tensor ws = at::empty({T, B, 4 * H}, opts);
+    at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
+    hs[reverse ? T : 0].copy_(h0);
+    const at::Tensor whh = w_hh.contiguous();
+    for (int64_t s = 0; s < T && B > 0; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
+      gemm(input, false, true, len.rows[t], G, H, at_step(hs, ip), H, whh.data_ptr(), H, 0.0,
+           gh.data_ptr(), G);
+      K::gru_forward_step(dtype, t, len.ptr(), B, H, at_step(gi, t), gh.data_ptr(), cptr(b_hn),
+                          at_step(hs, ip), at_step(ws, t), at_step(hs, in), at_step(out, t));
+    }
+    return {out, hs[reverse ? 0 : T].clone(), ws, hs};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  gru_layer_backward(const OptT& grad_output, const OptT& grad_h_n, const at::Tensor& input,
+                     const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& lengths,
+                     bool reverse, const at::Tensor& ws, const at::Tensor& hs) {
+    const DType dtype = to_dtype(input, "input");
+    typename K::Guard guard(input);
+    const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+    const int64_t H = hs.size(2), G = 3 * H;
+    const LayerLengths len = layer_lengths(lengths, input);
+    auto opts = input.options();
+    at::Tensor dh = has(grad_h_n) ? grad_h_n->contiguous().clone() : at::zeros({B, H}, opts);
+    at::Tensor dh2 = at::empty({B, H}, opts);
+    const at::Tensor go = has(grad_output) ? grad_output->contiguous() : at::Tensor();
+    at::Tensor dgi = at::empty({T, B, G}, opts), dgh = at::empty({T, B, G}, opts);
+    const at::Tensor whh = w_hh.contiguous();
+    for (int64_t s = 0; s < T && B > 0; ++s) {
+      const int64_t t = reverse ? s : T - 1 - s, ip = reverse ? t + 1 : t;
+      K::gru_backward_step(dtype, t, len.ptr(), B, H, at_step(ws, t), at_step(hs, ip),
+                           dh.data_ptr(), go.defined() ? at_step(go, t) : nullptr,
+                           at_step(dgi, t), at_step(dgh, t), dh2.data_ptr());
+      gemm(input, false, false, len.rows[t], H, G, at_step(dgh, t), G, whh.data_ptr(), H, 1.0,
+           dh2.data_ptr(), H);
+      std::swap(dh, dh2);
+    }
+    const at::Tensor dgi2 = dgi.view({T * B, G}), dgh2 = dgh.view({T * B, G});
+    const at::Tensor x = input.reshape({T * B, I});
+    const at::Tensor hprev = hs.narrow(0, reverse ? 1 : 0, T).reshape({T * B, H});
+    return {at::mm(dgi2, w_ih).view({T, B, I}), dh, at::mm(dgi2.t(), x), at::mm(dgh2.t(), hprev),
+            dgi2.sum(0), dgh2.sum(0)};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_layer(
+      const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+      const at::Tensor& w_hh, const OptT& b_ih, const OptT& b_hh, bool relu,
+      const OptT& lengths, bool reverse) {
+    const int64_t H = check_layer(input, h0, w_ih, w_hh, b_ih, b_hh, 1, 0);
+    const DType dtype = to_dtype(input, "input");
+    typename K::Guard guard(input);
+    const int64_t T = input.size(0), B = input.size(1);
+    const LayerLengths len = layer_lengths(lengths, input);
+    at::Tensor pre = input_projection(input, w_ih, bias_sum(b_ih, b_hh));
+    auto opts = input.options();
+    at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
+    hs[reverse ? T : 0].copy_(h0);
+    const at::Tensor whh = w_hh.contiguous();
+    for (int64_t s = 0; s < T && B > 0; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
+      gemm(input, false, true, len.rows[t], H, H, at_step(hs, ip), H, whh.data_ptr(), H, 1.0,
+           at_step(pre, t), H);
+      K::rnn_forward_step(dtype, relu, t, len.ptr(), B, H, at_step(pre, t), at_step(hs, ip),
+                          at_step(hs, in), at_step(out, t));
+    }
+    return {out, hs[reverse ? 0 : T].clone(), hs};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  rnn_layer_backward(const OptT& grad_output, const OptT& grad_h_n, const at::Tensor& input,
+                     const at::Tensor& w_ih, const at::Tensor& w_hh, bool relu,
+                     const OptT& lengths, bool reverse, const at::Tensor& hs) {
+    const DType dtype = to_dtype(input, "input");
+    typename K::Guard guard(input);
+    const int64_t T = input.size(0), B = input.size(1), I = input.size(2), H = hs.size(2);
+    const LayerLengths len = layer_lengths(lengths, input);
+    auto opts = input.options();
+    at::Tensor dh = has(grad_h_n) ? grad_h_n->contiguous().clone() : at::zeros({B, H}, opts);
+    at::Tensor dh2 = at::empty({B, H}, opts);
+    const at::Tensor go = has(grad_output) ? grad_output->contiguous() : at::Tensor();
+    at::Tensor dP = at::empty({T, B, H}, opts);
+    const at::Tensor whh = w_hh.contiguous();
+    for (int64_t s = 0; s < T && B > 0; ++s) {
+      const int64_t t = reverse ? s : T - 1 - s, in = reverse ? t : t + 1;
+      K::rnn_backward_step(dtype, relu, t, len.ptr(), B, H, at_step(hs, in), dh.data_ptr(),
+                           go.defined() ? at_step(go, t) : nullptr, at_step(dP, t),
+                           dh2.data_ptr());
+      gemm(input, false, false, len.rows[t], H, H, at_step(dP, t), H, whh.data_ptr(), H, 1.0,
+           dh2.data_ptr(), H);
+      std::swap(dh, dh2);
+    }
+    const at::Tensor dP2 = dP.view({T * B, H});
+    const at::Tensor x = input.reshape({T * B, I});
+    const at::Tensor hprev = hs.narrow(0, reverse ? 1 : 0, T).reshape({T * B, H});
+    return {at::mm(dP2, w_ih).view({T, B, I}), dh, at::mm(dP2.t(), x), at::mm(dP2.t(), hprev),
+            dP2.sum(0)};
+  }
+
+  static void register_impls(torch::Library& m) {
+    m.impl("lstm_layer", &lstm_layer);
+    m.impl("lstm_layer_backward", &lstm_layer_backward);
+    m.impl("gru_layer", &gru_layer);
+    m.impl("gru_layer_backward", &gru_layer_backward);
+    m.impl("rnn_layer", &rnn_layer);
+    m.impl("rnn_layer_backward", &rnn_layer_backward);
+  }
+};
+
+}  // namespace ops
+}  // namespace pyseqk

@@ -1,0 +1,54 @@
+// CUDA implementations of the layer ops: the shared time loop of layers.h with cuBLAS GEMMs
+// (through ATen, on the current stream) and the per-step kernels of csrc/cuda/layers.cu,
+// launched on the current stream under a device guard, every launch checked. Compiled only
+// into the CUDA build.
+#ifdef PYSEQK_WITH_CUDA
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "ops/layers.h"
+#include "pyseqk/layer_kernels.h"
+
+namespace pyseqk {
+namespace ops {
+namespace {
+
+template <auto Launcher>
+struct OnStream {
+  template <class... Args>
+  void operator()(Args... args) const {
+    Launcher(args..., at::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+struct CudaLayerKernels {
+  struct Guard {
+    explicit Guard(const at::Tensor& t) : guard(t.device()) {}
+    c10::cuda::CUDAGuard guard;
+  };
+  static void gemm(const at::Tensor& like, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+                   const void* A, int64_t lda, const void* B, int64_t ldb, double beta, void* C,
+                   int64_t ldc) {
+    aten_gemm(like.options(), ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+  static constexpr OnStream<&cuda::lstm_layer_forward_step> lstm_forward_step{};
+  static constexpr OnStream<&cuda::lstm_layer_backward_step> lstm_backward_step{};
+  static constexpr OnStream<&cuda::layer_select_step> select_step{};
+  static constexpr OnStream<&cuda::layer_grad_step> grad_step{};
+  static constexpr OnStream<&cuda::gru_layer_forward_step> gru_forward_step{};
+  static constexpr OnStream<&cuda::gru_layer_backward_step> gru_backward_step{};
+  static constexpr OnStream<&cuda::rnn_layer_forward_step> rnn_forward_step{};
+  static constexpr OnStream<&cuda::rnn_layer_backward_step> rnn_backward_step{};
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyseqk, CUDA, m) { Layers<CudaLayerKernels>::register_impls(m); }
+
+}  // namespace ops
+}  // namespace pyseqk
+
+#endif  // PYSEQK_WITH_CUDA

@@ -1,0 +1,152 @@
+"""Fake kernels and autograd of the whole-sequence layer ops (torch.ops.pyseqk.{lstm,gru,rnn}_layer
+and their Triton twins torch.ops.pyseqk.triton_*_layer): forward and backward are separate ops,
+so the backward through time is as fused as the forward. Shapes of the workspaces: see
+csrc/ops/layers.cpp."""
+from __future__ import annotations
+
+import torch
+
+from . import _ops
+
+
+def _e(*shape, like):
+    return like.new_empty(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels.
+
+def _fake_lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    T, B = input.shape[0], input.shape[1]
+    H = w_ih.shape[0] // 4
+    P = w_hr.shape[0] if w_hr is not None else H
+    return (_e(T, B, P, like=input), _e(B, P, like=input), _e(B, H, like=input),
+            _e(T, B, 4 * H, like=input), _e(T + 1, B, P, like=input), _e(T + 1, B, H, like=input),
+            _e(T if w_hr is not None else 0, B, H, like=input))
+
+
+def _fake_lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, lengths,
+                              reverse, gates, hs, cs, ms):
+    B, H, P = input.shape[1], cs.shape[2], hs.shape[2]
+    return (torch.empty_like(input), _e(B, P, like=input), _e(B, H, like=input),
+            torch.empty_like(w_ih), torch.empty_like(w_hh), _e(4 * H, like=input),
+            torch.empty_like(w_hr) if w_hr is not None else _e(0, like=input))
+
+
+def _fake_gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    T, B, H = input.shape[0], input.shape[1], w_ih.shape[0] // 3
+    return (_e(T, B, H, like=input), _e(B, H, like=input), _e(T, B, 4 * H, like=input),
+            _e(T + 1, B, H, like=input))
+
+
+def _fake_gru_layer_backward(grad_output, grad_h_n, input, w_ih, w_hh, lengths, reverse, gates, hs):
+    B, H = input.shape[1], hs.shape[2]
+    return (torch.empty_like(input), _e(B, H, like=input), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), _e(3 * H, like=input), _e(3 * H, like=input))
+
+
+def _fake_rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, relu, lengths, reverse):
+    T, B, H = input.shape[0], input.shape[1], w_ih.shape[0]
+    return _e(T, B, H, like=input), _e(B, H, like=input), _e(T + 1, B, H, like=input)
+
+
+def _fake_rnn_layer_backward(grad_output, grad_h_n, input, w_ih, w_hh, relu, lengths, reverse, hs):
+    B, H = input.shape[1], hs.shape[2]
+    return (torch.empty_like(input), _e(B, H, like=input), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), _e(H, like=input))
+
+
+FAKES = {
+    "lstm_layer": _fake_lstm_layer,
+    "lstm_layer_backward": _fake_lstm_layer_backward,
+    "gru_layer": _fake_gru_layer,
+    "gru_layer_backward": _fake_gru_layer_backward,
+    "rnn_layer": _fake_rnn_layer,
+    "rnn_layer_backward": _fake_rnn_layer_backward,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd.
+
+def _lstm_setup(ctx, inputs, output):
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse = inputs
+    gates, hs, cs, ms = output[3:]
+    ctx.save_for_backward(input, w_ih, w_hh, w_hr, lengths, gates, hs, cs, ms)
+    ctx.reverse = reverse
+    ctx.has_b = (b_ih is not None, b_hh is not None)
+    ctx.mark_non_differentiable(gates, hs, cs, ms)
+    ctx.set_materialize_grads(False)
+
+
+def _lstm_autograd(backward_op):
+    def backward(ctx, g_out, g_h, g_c, *_ws):
+        if g_out is None and g_h is None and g_c is None:
+            return (None,) * 10
+        input, w_ih, w_hh, w_hr, lengths, gates, hs, cs, ms = ctx.saved_tensors
+        gi, gh0, gc0, gwi, gwh, gb, gwr = backward_op(g_out, g_h, g_c, input, w_ih, w_hh, w_hr,
+                                                      lengths, ctx.reverse, gates, hs, cs, ms)
+        return (gi, gh0, gc0, gwi, gwh, gb if ctx.has_b[0] else None,
+                gb if ctx.has_b[1] else None, gwr if w_hr is not None else None, None, None)
+
+    return backward
+
+
+def _gru_setup(ctx, inputs, output):
+    input, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse = inputs
+    ctx.save_for_backward(input, w_ih, w_hh, lengths, output[2], output[3])
+    ctx.reverse = reverse
+    ctx.has_b = (b_ih is not None, b_hh is not None)
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.set_materialize_grads(False)
+
+
+def _gru_autograd(backward_op):
+    def backward(ctx, g_out, g_h, *_ws):
+        if g_out is None and g_h is None:
+            return (None,) * 8
+        input, w_ih, w_hh, lengths, gates, hs = ctx.saved_tensors
+        gi, gh0, gwi, gwh, gbi, gbh = backward_op(g_out, g_h, input, w_ih, w_hh, lengths,
+                                                  ctx.reverse, gates, hs)
+        return (gi, gh0, gwi, gwh, gbi if ctx.has_b[0] else None, gbh if ctx.has_b[1] else None,
+                None, None)
+
+    return backward
+
+
+def _rnn_setup(ctx, inputs, output):
+    input, h0, w_ih, w_hh, b_ih, b_hh, relu, lengths, reverse = inputs
+    ctx.save_for_backward(input, w_ih, w_hh, lengths, output[2])
+    ctx.relu, ctx.reverse = relu, reverse
+    ctx.has_b = (b_ih is not None, b_hh is not None)
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _rnn_autograd(backward_op):
+    def backward(ctx, g_out, g_h, _g_hs):
+        if g_out is None and g_h is None:
+            return (None,) * 9
+        input, w_ih, w_hh, lengths, hs = ctx.saved_tensors
+        gi, gh0, gwi, gwh, gb = backward_op(g_out, g_h, input, w_ih, w_hh, ctx.relu, lengths,
+                                            ctx.reverse, hs)
+        return (gi, gh0, gwi, gwh, gb if ctx.has_b[0] else None, gb if ctx.has_b[1] else None,
+                None, None, None)
+
+    return backward
+
+
+def register(prefix: str, ns) -> None:
+    """Fake kernels and autograd for the layer ops named ``<prefix><op>`` in namespace ``ns``."""
+    for name, fake in FAKES.items():
+        torch.library.register_fake(f"pyseqk::{prefix}{name}", fake)
+    for name, make, setup in (("lstm_layer", _lstm_autograd, _lstm_setup),
+                              ("gru_layer", _gru_autograd, _gru_setup),
+                              ("rnn_layer", _rnn_autograd, _rnn_setup)):
+        torch.library.register_autograd(
+            f"pyseqk::{prefix}{name}", make(getattr(ns, f"{prefix}{name}_backward")),
+            setup_context=setup)
+
+
+if _ops.NATIVE:
+    register("", torch.ops.pyseqk)

@@ -1,0 +1,374 @@
+"""The whole-sequence layer ops (lstm_layer with projection, gru_layer, rnn_layer) on every
+backend against the float64 reference and against torch.nn: forward, every gradient, lengths
+(sorted, unsorted, zeros), reverse, odd sizes; their registration (opcheck, gradcheck,
+torch.compile) and their bad-input errors."""
+import pytest
+import torch
+
+import pyseqk
+from pyseqk import functional as F
+from pyseqk import reference as R
+
+from _util import assert_close_rule
+from conftest import cpu_backends
+
+KINDS = {  # name: (gates, projection)
+    "lstm": (4, False),
+    "lstm_proj": (4, True),
+    "gru": (3, False),
+    "rnn_tanh": (1, False),
+    "rnn_relu": (1, False),
+}
+
+# id: (T, B, I, H, lengths, reverse, bias)
+CONFIGS = {
+    "plain": (5, 3, 4, 7, None, False, True),
+    "reverse": (5, 3, 4, 7, None, True, True),
+    "nobias": (4, 3, 4, 7, None, False, False),
+    "sorted": (5, 3, 4, 7, [5, 3, 1], False, True),
+    "sorted_rev": (5, 3, 4, 7, [5, 3, 1], True, True),
+    "unsorted_zero": (5, 4, 4, 7, [2, 0, 5, 3], False, True),
+    "unsorted_zero_rev": (5, 4, 4, 7, [2, 0, 5, 3], True, False),
+    "full": (4, 3, 4, 7, [4, 4, 4], True, True),
+    "T1B1": (1, 1, 1, 3, None, False, True),
+    "B1": (6, 1, 3, 5, [4], True, True),
+    "H97": (2, 2, 5, 97, [2, 1], False, True),
+    "empty_batch": (3, 0, 4, 7, None, False, True),
+    "T0": (0, 2, 4, 7, [0, 0], False, True),
+}
+# The Triton interpreter runs every op of every step in Python (~1 s per small layer call):
+# the same cases, smaller.
+TRITON_CONFIGS = {
+    "plain": (3, 2, 3, 5, None, False, True),
+    "reverse_nobias": (3, 2, 3, 5, None, True, False),
+    "sorted": (3, 2, 3, 5, [3, 1], False, True),
+    "unsorted_zero_rev": (3, 3, 3, 5, [2, 0, 3], True, True),
+    "T1B1": (1, 1, 1, 3, None, False, True),
+    "H97": (1, 1, 2, 97, None, True, True),
+    "empty_batch": (2, 0, 3, 5, None, False, True),
+    "T0": (0, 2, 3, 5, [0, 0], False, True),
+}
+LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97"]
+
+
+def backend_configs(names=None):
+    """(backend, config) pairs: every config on the C++ and reference backends, the small ones
+    on Triton."""
+    pairs = []
+    for backend in cpu_backends():
+        table = TRITON_CONFIGS if backend == "triton" else CONFIGS
+        pairs += [(backend, c) for c in table if names is None or c in names]
+    return pairs
+
+
+def proj_size(H):
+    return max(1, H // 2 + 1)  # odd, smaller than H
+
+
+def make_args(kind, T, B, I, H, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G, proj = KINDS[kind]
+    P = proj_size(H) if proj else H
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    x, h0 = rnd(T, B, I), rnd(B, P, scale=0.5)
+    w_ih, w_hh = rnd(G * H, I, scale=I ** -0.5), rnd(G * H, P, scale=P ** -0.5)
+    b_ih, b_hh = (rnd(G * H, scale=0.1), rnd(G * H, scale=0.1)) if bias else (None, None)
+    if kind.startswith("lstm"):
+        w_hr = rnd(P, H, scale=H ** -0.5) if proj else None
+        return [x, h0, rnd(B, H, scale=0.5), w_ih, w_hh, b_ih, b_hh, w_hr]
+    return [x, h0, w_ih, w_hh, b_ih, b_hh]
+
+
+def layer_fn(kind, module=F):
+    if kind.startswith("lstm"):
+        return lambda *a, lengths=None, reverse=False: module.lstm_layer(*a, lengths=lengths,
+                                                                         reverse=reverse)
+    if kind == "gru":
+        return lambda *a, lengths=None, reverse=False: module.gru_layer(*a, lengths=lengths,
+                                                                        reverse=reverse)
+    nl = kind.split("_")[1]
+    return lambda *a, lengths=None, reverse=False: module.rnn_layer(
+        *a, nonlinearity=nl, lengths=lengths, reverse=reverse)
+
+
+def run_with_grads(fn, args, seed=1, **kw):
+    """Outputs and the gradients of every tensor argument (zeros where unused) for a fixed random
+    gradient of every output."""
+    args = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    outs = fn(*args, **kw)
+    g = torch.Generator().manual_seed(seed)
+    grads_out = [torch.randn(o.shape, generator=g).to(o) for o in outs]
+    leaves = [a for a in args if a is not None]
+    pairs = [(o, go) for o, go in zip(outs, grads_out) if o.requires_grad]  # the reference's
+    # empty output (T = 0) has no graph
+    grads = iter(torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs],
+                                     allow_unused=True, materialize_grads=True))
+    return [o.detach() for o in outs], [next(grads) if a is not None else None for a in args]
+
+
+def double(args):
+    return [a.double() if a is not None else None for a in args]
+
+
+def check(kind, backend, config, dtype):
+    T, B, I, H, lengths, reverse, bias = (TRITON_CONFIGS if backend == "triton" else CONFIGS)[config]
+    args = make_args(kind, T, B, I, H, dtype, bias)
+    lens = torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None
+    fn = layer_fn(kind)
+    with pyseqk.use_backend(backend):
+        outs, grads = run_with_grads(fn, args, lengths=lens, reverse=reverse)
+    ref_outs, ref_grads = run_with_grads(layer_fn(kind, R), double(args), lengths=lens,
+                                         reverse=reverse)
+    # PyTorch's own error in this dtype: the reference run in it (torch ops per step).
+    t_outs, t_grads = run_with_grads(layer_fn(kind, R), args, lengths=lens, reverse=reverse)
+    what = f"{kind}[{backend}, {config}, {dtype}]"
+    for k, (o, t, r) in enumerate(zip(outs, t_outs, ref_outs)):
+        assert o.dtype == dtype and o.shape == r.shape, f"{what} output {k}: {o.shape} {o.dtype}"
+        assert_close_rule(o, t, r, dtype, f"{what} output {k}")
+    for k, (gr, t, r) in enumerate(zip(grads, t_grads, ref_grads)):
+        assert_close_rule(gr, t, r, dtype, f"{what} grad of argument {k}")
+    if lens is not None and T > 0:
+        out = outs[0]
+        pad = torch.arange(T).unsqueeze(1) >= lens.unsqueeze(0)  # [T, B]
+        assert (out[pad] == 0).all(), f"{what}: output not zero at padded steps"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("backend,config", backend_configs(), ids=[f"{b}-{c}" for b, c in backend_configs()])
+def test_layer_matches_reference_fp64(backend, config, kind):
+    check(kind, backend, config, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("backend,config", backend_configs(LOW_PRECISION_CONFIGS),
+                         ids=[f"{b}-{c}" for b, c in backend_configs(LOW_PRECISION_CONFIGS)])
+def test_layer_matches_reference_low_precision(backend, config, kind, dtype):
+    check(kind, backend, config, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against torch.nn's own layers (the implementation users switch from), with a PackedSequence
+# for lengths, in fp32 and bf16.
+
+def torch_nn_layer(kind, args, lengths):
+    G, proj = KINDS[kind]
+    x = args[0]
+    I, H = x.shape[2], args[3 if kind.startswith("lstm") else 2].shape[0] // G
+    if kind.startswith("lstm"):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+        m = torch.nn.LSTM(I, H, proj_size=w_hr.shape[0] if proj else 0)
+        state = (h0.unsqueeze(0), c0.unsqueeze(0))
+        params = [w_ih, w_hh, b_ih, b_hh] + ([w_hr] if proj else [])
+    else:
+        x, h0, w_ih, w_hh, b_ih, b_hh = args
+        m = torch.nn.GRU(I, H) if kind == "gru" else torch.nn.RNN(I, H, nonlinearity=kind[4:])
+        state = h0.unsqueeze(0)
+        params = [w_ih, w_hh, b_ih, b_hh]
+    m = m.to(x.dtype)
+    for name, p in zip(m._flat_weights_names, params):
+        setattr(m, name, torch.nn.Parameter(p))
+    if lengths is not None:
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out, st = m(x, state)
+    if lengths is not None:
+        out = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=args[0].shape[0])[0]
+    if kind.startswith("lstm"):
+        return out, st[0][0], st[1][0]
+    return out, st[0]
+
+
+@pytest.mark.parametrize("lengths", [None, [5, 2, 4]], ids=["full", "unsorted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_layer_matches_torch_nn(backend, kind, dtype, lengths):
+    T, B, I, H = (5, 3, 3, 5) if backend == "triton" else (5, 3, 6, 9)
+    args = make_args(kind, T, B, I, H, dtype)
+    lens = torch.tensor(lengths) if lengths is not None else None
+    with pyseqk.use_backend(backend):
+        outs, grads = run_with_grads(layer_fn(kind), args, lengths=lens)
+    ref_outs, ref_grads = run_with_grads(layer_fn(kind, R), double(args), lengths=lens)
+
+    def nn_fn(*a, lengths=None):
+        return torch_nn_layer(kind, a, lengths)
+
+    t_outs, t_grads = run_with_grads(nn_fn, args, lengths=lens)
+    for k, (o, t, r) in enumerate(zip(outs, t_outs, ref_outs)):
+        assert_close_rule(o, t, r, dtype, f"{kind}[{backend}] vs torch.nn output {k}")
+    for k, (gr, t, r) in enumerate(zip(grads, t_grads, ref_grads)):
+        assert_close_rule(gr, t, r, dtype, f"{kind}[{backend}] vs torch.nn grad of argument {k}")
+
+
+def test_reference_agrees_with_torch_nn_fp64():
+    """The oracle itself: the reference equals torch.nn's layers (with a PackedSequence)."""
+    for kind in KINDS:
+        args = make_args(kind, 5, 3, 4, 6, torch.float64)
+        lens = torch.tensor([3, 5, 1])
+        ours = layer_fn(kind, R)(*args, lengths=lens)
+        theirs = torch_nn_layer(kind, args, lens)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: gradcheck, opcheck, torch.compile.
+
+GRADCHECK_CASES = [("cpu", "lstm_proj", [3, 1, 2], True), ("cpu", "lstm", None, False),
+                   ("cpu", "gru", [2, 3, 0], True), ("cpu", "rnn_tanh", [1, 3, 2], False),
+                   ("cpu", "rnn_relu", None, True)]
+if "triton" in cpu_backends():
+    # Numerical Jacobians take two interpreted launches per input element: one tiny case. The
+    # Triton gradients of every layer are checked against the reference's autograd above.
+    GRADCHECK_CASES.append(("triton", "rnn_tanh", [2, 1], True))
+
+
+@pytest.mark.parametrize("backend,kind,lengths,reverse", GRADCHECK_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in GRADCHECK_CASES])
+def test_layer_gradcheck(backend, kind, lengths, reverse):
+    T, B, I, H = (2, 2, 1, 2) if backend == "triton" else (3, 3, 3, 4)
+    args = [a.requires_grad_() if a is not None else None
+            for a in make_args(kind, T, B, I, H, torch.float64)]
+    lens = torch.tensor(lengths) if lengths is not None else None
+    fn = layer_fn(kind)
+    with pyseqk.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda *a: fn(*a, lengths=lens, reverse=reverse), args)
+
+
+def op_args(kind, T=3, B=3, I=3, H=4, lengths=(3, 1, 2), reverse=True):
+    args = make_args(kind, T, B, I, H, torch.float64)
+    lens = torch.tensor(lengths)
+    if kind.startswith("lstm"):
+        return "lstm_layer", tuple(args) + (lens, reverse)
+    if kind == "gru":
+        return "gru_layer", tuple(args) + (lens, reverse)
+    return "rnn_layer", tuple(args) + (kind == "rnn_relu", lens, reverse)
+
+
+def native_prefixes():
+    return [""] + (["triton_"] if "triton" in cpu_backends() else [])
+
+
+@pytest.mark.parametrize("kind", ["lstm_proj", "gru", "rnn_relu"])
+@pytest.mark.parametrize("prefix", native_prefixes())
+def test_layer_opcheck(prefix, kind):
+    if prefix == "triton_":
+        F._layer_op("triton", "lstm_layer")  # defines the triton ops
+    name, args = op_args(kind)
+    op = getattr(torch.ops.pyseqk, prefix + name)
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    torch.library.opcheck(op, args)
+    out = op(*args)
+    # the backward op, with the forward's saved values
+    ws = out[3:] if name == "lstm_layer" else out[2:]
+    g = tuple(torch.randn_like(o) for o in out[:3 if name == "lstm_layer" else 2])
+    a = [x.detach() if isinstance(x, torch.Tensor) else x for x in args]
+    bop = getattr(torch.ops.pyseqk, prefix + name + "_backward")
+    if name == "lstm_layer":
+        bargs = g + (a[0], a[3], a[4], a[7], a[8], a[9]) + tuple(w.detach() for w in ws)
+    elif name == "gru_layer":
+        bargs = g + (a[0], a[2], a[3], a[6], a[7]) + tuple(w.detach() for w in ws)
+    else:
+        bargs = g + (a[0], a[2], a[3], a[6], a[7], a[8]) + tuple(w.detach() for w in ws)
+    torch.library.opcheck(bop, bargs)
+
+
+def test_layer_compile_fullgraph():
+    args = [a.requires_grad_() if a is not None else None
+            for a in make_args("lstm_proj", 4, 3, 5, 6, torch.float32)]
+    lens = torch.tensor([4, 2, 3])
+
+    def f(*a):
+        out, h, c = F.lstm_layer(*a, lengths=lens, reverse=True)
+        return out.sum() + h.sum() * 2 + c.sum() * 3
+
+    with pyseqk.use_backend("cpu"):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        y = compiled(*args)
+        gc = torch.autograd.grad(y, [a for a in args if a is not None])
+        y2 = f(*args)
+        ge = torch.autograd.grad(y2, [a for a in args if a is not None])
+    torch.testing.assert_close(y, y2)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+def test_cpu_layer_carries_no_state_between_calls():
+    """The forward reuses no buffer across calls: two calls with different data give the results
+    of independent calls (guards against a cached workspace)."""
+    a1 = make_args("gru", 4, 2, 3, 5, torch.float32, seed=1)
+    a2 = make_args("gru", 4, 2, 3, 5, torch.float32, seed=2)
+    with pyseqk.use_backend("cpu"):
+        o1 = F.gru_layer(*a1)[0].clone()
+        F.gru_layer(*a2)
+        o1b = F.gru_layer(*a1)[0]
+    assert torch.equal(o1, o1b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument.
+
+def bad_cases():
+    def lstm(mut):
+        a = make_args("lstm_proj", 4, 3, 5, 6, torch.float32)
+        kw = {"lengths": None}
+        mut(a, kw)
+        return lambda: F.lstm_layer(*a, **kw)
+
+    def setl(v):
+        return lambda a, kw: kw.__setitem__("lengths", v)
+
+    def seta(i, v):
+        return lambda a, kw: a.__setitem__(i, v(a[i]))
+
+    return {
+        "lengths shape": (lstm(setl(torch.tensor([1, 2]))), RuntimeError, "lengths must have shape"),
+        "lengths 2-D": (lstm(setl(torch.ones(3, 1, dtype=torch.int64))), RuntimeError,
+                        "lengths must have shape"),
+        "lengths too long": (lstm(setl(torch.tensor([1, 5, 2]))), RuntimeError,
+                             r"lengths values must be in \[0, T\]"),
+        "lengths negative": (lstm(setl(torch.tensor([1, -1, 2]))), RuntimeError,
+                             r"lengths values must be in \[0, T\]"),
+        "lengths dtype": (lstm(setl(torch.tensor([1.0, 2.0, 3.0]))), TypeError,
+                          "lengths must be int64"),
+        "h0 shape": (lstm(seta(1, lambda t: t[:, :-1])), RuntimeError, "h0 must have shape"),
+        "c0 shape": (lstm(seta(2, lambda t: t[:2])), RuntimeError, "c0 must have shape"),
+        "w_hr shape": (lstm(seta(7, lambda t: t[:, :-1])), RuntimeError, "w_hr must have shape"),
+        "w_hh shape": (lstm(seta(4, lambda t: t[:, :-1])), RuntimeError, "w_hh must have shape"),
+        "input 2-D": (lstm(seta(0, lambda t: t[0])), RuntimeError, "input must be 3-D"),
+        "input size": (lstm(seta(0, lambda t: t[..., :-1])), RuntimeError, "input_size"),
+        "bias shape": (lstm(seta(5, lambda t: t[:-1])), RuntimeError, "b_ih must have shape"),
+        "dtype": (lstm(seta(3, lambda t: t.double())), TypeError, "w_ih has dtype"),
+        "int input": (lstm(seta(0, lambda t: t.long())), TypeError, "input must be float"),
+    }
+
+
+BAD = bad_cases()
+
+
+@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_layer_bad_input(backend, case):
+    make, exc, msg = BAD[case]
+    with pyseqk.use_backend(backend):
+        with pytest.raises(exc, match=msg):
+            make()()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_bad_nonlinearity(backend):
+    a = make_args("rnn_tanh", 2, 2, 3, 4, torch.float32)
+    with pyseqk.use_backend(backend), pytest.raises(ValueError, match="nonlinearity"):
+        F.rnn_layer(*a, nonlinearity="sigmoid")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_gru_bad_h0(backend):
+    a = make_args("gru", 2, 2, 3, 4, torch.float32)
+    a[1] = a[1][:1]
+    with pyseqk.use_backend(backend), pytest.raises(RuntimeError, match="h0 must have shape"):
+        F.gru_layer(*a)
