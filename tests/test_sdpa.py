@@ -366,6 +366,7 @@ def _bad_cases():
         ("dtype mismatch", dict(ok, key=k.double()), None, "key"),
         ("int query", dict(query=q.int(), key=k.int(), value=v.int()), None, "query"),
         ("1-D query", dict(ok, query=torch.randn(3)), None, "query"),
+        ("E = 0", dict(ok, query=torch.randn(2, 4, 5, 0), key=torch.randn(2, 2, 6, 0)), None, "query"),
         ("mask not broadcastable", ok, dict(attn_mask=torch.ones(5, 5, dtype=torch.bool)), "attn_mask"),
         ("mask too many dims", ok, dict(attn_mask=torch.ones(1, 2, 4, 5, 6, dtype=torch.bool)), "attn_mask"),
         ("mask int dtype", ok, dict(attn_mask=torch.ones(5, 6, dtype=torch.int32)), "attn_mask"),
