@@ -296,10 +296,6 @@ def main(argv=None) -> int:
     return 1 if any(r["spills"] for r in rows) else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # --------------------------------------------------------------------------------------------
 # Positional encoding (kernels/posenc.py), added to the list above.
 
@@ -321,3 +317,7 @@ def all_kernels() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:  # n
              {**_sig(dt, "grad_ptr grad_x_ptr", "N seed threshold"), **floats}, dict(**blk)),
         ]
     return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -290,6 +290,9 @@ def check_sdpa(query, key, value, attn_mask, dropout_p, enable_gqa):
         if t.shape[:-3] != query.shape[:-3]:
             raise RuntimeError(f"pyseqk: {name} must have the query's batch dimensions "
                                f"{list(query.shape[:-3])}, got shape {list(t.shape)}")
+    if query.shape[-1] == 0:
+        raise RuntimeError(f"pyseqk: query must have a non-empty embedding dimension E (its last), "
+                           f"got shape {list(query.shape)}")
     if key.shape[-1] != query.shape[-1]:
         raise RuntimeError(f"pyseqk: key must have the query's embedding size E = {query.shape[-1]} "
                            f"in its last dimension, got key of shape {list(key.shape)}")

@@ -293,3 +293,19 @@ def test_long_sequence_accuracy_cuda(backend):
         out = F.positional_encoding(x.cuda()).cpu()
     assert_close_rule(out, torch_own(x, 0.0, 0, False), R.positional_encoding(x.double()),
                       torch.float32, backend)
+
+
+def test_aot_report_lists_the_posenc_kernels():
+    """The kernels are in aot.all_kernels() for every dtype, and the script's __main__ block is
+    the module's last statement, so `python -m pyseqk.kernels.aot` (run by test_build) sees
+    sections appended to the list, this one included."""
+    import ast
+    import inspect
+
+    from pyseqk.kernels import aot
+
+    names = {name for name, *_ in aot.all_kernels()}
+    for dt in aot.DTYPES:
+        assert {f"posenc_fwd[{dt}]", f"posenc_bwd[{dt}]"} <= names
+    last = ast.parse(inspect.getsource(aot)).body[-1]
+    assert isinstance(last, ast.If) and "__main__" in ast.unparse(last.test)

@@ -96,6 +96,7 @@ SHAPES = [  # (batch, Hq, Hk, L, S, E, Ev)
     ((2,), 3, 3, 3, 5, 5, 3),
     ((1,), 2, 2, 97, 97, 16, 16),
     ((2,), 2, 1, 130, 200, 8, 5),  # crosses the 128-row/column tiles
+    ((1,), 2, 1, 300, 270, 8, 8),  # crosses the 256-row (non-causal) and 256-key tiles
 ]
 
 
@@ -366,6 +367,7 @@ def _bad_cases():
         ("dtype mismatch", dict(ok, key=k.double()), None, "key"),
         ("int query", dict(query=q.int(), key=k.int(), value=v.int()), None, "query"),
         ("1-D query", dict(ok, query=torch.randn(3)), None, "query"),
+        ("E = 0", dict(ok, query=torch.randn(2, 4, 5, 0), key=torch.randn(2, 2, 6, 0)), None, "query"),
         ("mask not broadcastable", ok, dict(attn_mask=torch.ones(5, 5, dtype=torch.bool)), "attn_mask"),
         ("mask too many dims", ok, dict(attn_mask=torch.ones(1, 2, 4, 5, 6, dtype=torch.bool)), "attn_mask"),
         ("mask int dtype", ok, dict(attn_mask=torch.ones(5, 6, dtype=torch.int32)), "attn_mask"),

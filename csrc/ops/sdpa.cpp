@@ -52,7 +52,8 @@ void check_sdpa(const at::Tensor& query, const at::Tensor& key, const at::Tensor
 
 SdpaStrides strides_of(const at::Tensor& t) {
   // With one row the row stride is never stepped, but BLAS wants a leading dimension >= E.
-  const int64_t row = t.size(2) > 1 ? t.stride(2) : std::max<int64_t>(1, t.size(3));
+  // (Nor with an empty last dimension, whose row stride may be 0.)
+  const int64_t row = t.size(2) > 1 && t.size(3) > 0 ? t.stride(2) : std::max<int64_t>(1, t.size(3));
   return {t.stride(0), t.stride(1), row};
 }
 
