@@ -269,7 +269,8 @@ def test_module_bad_input_like_torch(case, bad_id, bad):
 # The backward ops, called directly: every tensor they index is checked (a wrong shape used to
 # read and write past buffers), and non-contiguous saved tensors give the same gradients.
 
-BACKWARD_CASES = [(op, k) for op in OPS if op.name in BACKWARDS for k in range(9)]
+BACKWARD_CASES = [(op, k) for op in OPS if op.name in BACKWARDS
+                  for k, a in enumerate(BACKWARDS[op.name](base_args(op))[1]) if isinstance(a, torch.Tensor)]
 
 
 def backward_call(op, prefix, k=None, mutate=None):
@@ -277,8 +278,6 @@ def backward_call(op, prefix, k=None, mutate=None):
 
     name, args, names = BACKWARDS[op.name](base_args(op))
     if k is not None:
-        if k >= len(args) or not isinstance(args[k], torch.Tensor):
-            return None, None, None
         args[k] = mutate(args[k])
     return getattr(torch.ops.pyseqk, prefix + name), args, names
 
@@ -291,8 +290,6 @@ def test_backward_op_checks_its_arguments(op, k, how, prefix):
               "size1": lambda t: t.narrow(-1, 0, t.shape[-1] - 1),
               "dtype": lambda t: t.double()}[how]
     fn, args, names = backward_call(op, prefix, k, mutate)
-    if fn is None:
-        return
     with pytest.raises(ERRORS) as e:
         fn(*args)
     assert_names(op, names[k], e.value)
