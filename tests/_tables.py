@@ -41,6 +41,7 @@ class OpCase:
     triton_max: int = 4096            # the interpreter is slow: largest B*H (or similar) to run
     work: Callable = lambda s: 1      # sizes -> a number compared with triton_max
     default_sizes: dict = dataclasses.field(default_factory=dict)  # for bad-input and thread tests
+    no_mutate: dict = dataclasses.field(default_factory=dict)  # arg -> legal "bad" inputs (see test_bad_input)
 
 
 def _randn(gen, shape, dtype, device, scale=1.0):

@@ -80,6 +80,12 @@ if ! cat "$REPORTS"/canary.* 2>/dev/null | grep -q "heap-buffer-overflow"; then
 fi
 rm -f "$REPORTS"/canary.*
 
+# The tests must import the instrumented copy, not an editable install of the tree itself.
+(cd "$SRC" && "$PY" -c "
+import sys, pyseqk._C
+path = pyseqk._C.__file__
+sys.exit(0 if path.startswith('$SRC/') else 'FAIL: the tests would import ' + path)")
+
 echo "== tests under ASan/UBSan"
 if [ $# -gt 0 ]; then ARGS=("$@"); else ARGS=("${DEFAULT_TESTS[@]}"); fi
 cd "$SRC"
