@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Globals a @triton.jit function reads must be constexprs.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -56,28 +57,29 @@ def _row_keys(seed, bh, offs_m):
 
 
 @triton.jit
-def _keep(rows, offs_n, threshold):
-    """dropout::keep for the [BLOCK_M, BLOCK_N] tile."""
-    r = _fmix32(rows[:, None] ^ (offs_n.to(tl.uint32) * 0xC2B2AE3D)[None, :])
+def _keep(rows, j, threshold):
+    """dropout::keep for a tile: rows (uint32 row keys) and j (key columns) broadcast to it."""
+    r = _fmix32(rows ^ (j.to(tl.uint32) * 0xC2B2AE3D))
     return (r >> 8) >= threshold.to(tl.uint32)
 
 
 @triton.jit
-def _scores(q, kt, offs_m, offs_n, L, S, m_base, smm, sms, qk_scale,
-            HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
-            PREC: tl.constexpr):
-    """q [BM, D] @ kt [D, BN] scaled into the log2 domain, with everything that does not take
-    part (out-of-range rows and columns, causal, bool mask) at -inf and the additive mask added."""
-    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-    valid = (offs_m < L)[:, None] & (offs_n < S)[None, :]
+def _scores(s, i, j, L, S, m_base, smm, sms, qk_scale,
+            HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """A tile of raw scores q.k scaled into the log2 domain, everything that does not take part
+    (out-of-range query i or key j, causal, bool mask) at -inf and the additive mask added.
+    i and j are the query and key indices broadcast to the tile: [BM, 1] and [1, BN] for an
+    S tile, [1, BM] and [BN, 1] for the S^T tile of the dK/dV kernel."""
+    s = s * qk_scale
+    valid = (i < L) & (j < S)
     if HAS_MASK:
-        mptr = m_base + offs_m.to(tl.int64)[:, None] * smm + offs_n.to(tl.int64)[None, :] * sms
+        mptr = m_base + i.to(tl.int64) * smm + j.to(tl.int64) * sms
         if MASK_BOOL:
             valid = valid & (tl.load(mptr, mask=valid, other=0) != 0)
         else:
-            s += tl.load(mptr, mask=valid, other=0.0).to(s.dtype) * 1.4426950408889634
+            s += tl.load(mptr, mask=valid, other=0.0).to(s.dtype) * LOG2E
     if IS_CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        valid = valid & (j <= i)
     return tl.where(valid, s, float("-inf"))
 
 
@@ -138,8 +140,8 @@ def _sdpa_fwd_kernel(Q, K, V, Mask, Out, Lse,
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kt = _operand(_load_tile(k_base, offs_d, E, ske, offs_n, S, sks), ACC, UPCAST)
-        s = _scores(q, kt, offs_m, offs_n, L, S, m_base, sml, sms, qk_scale,
-                    HAS_MASK, MASK_BOOL, IS_CAUSAL, PREC)
+        s = _scores(tl.dot(q, kt, input_precision=PREC), offs_m[:, None], offs_n[None, :], L, S,
+                    m_base, sml, sms, qk_scale, HAS_MASK, MASK_BOOL, IS_CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing unmasked yet has m = -inf: subtract 0 instead so that
         # exp2(-inf - -inf) never makes a NaN; its p and alpha are then exactly 0.
@@ -148,7 +150,7 @@ def _sdpa_fwd_kernel(Q, K, V, Mask, Out, Lse,
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_keep(rows, offs_n, threshold), p * drop_scale, 0.0)
+            p = tl.where(_keep(rows[:, None], offs_n[None, :], threshold), p * drop_scale, 0.0)
         v = _operand(_load_tile(v_base, offs_n, S, svs, offs_dv, Ev, sve), ACC, UPCAST)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
@@ -181,13 +183,12 @@ def _sdpa_bwd_preprocess(Out, DO, Delta, sob, soh, sol, soe, sdb, sdh, sdl, sde,
 
 
 @triton.jit
-def _probs(s, lse_ptr, delta_ptr, offs_m, L):
-    """P recomputed from the saved logsumexp, and delta, for a [BM, BN] tile in the log2
-    domain. lse = -inf (fully masked row) becomes +inf so that P = exp2(-inf - inf) = 0."""
-    lse = tl.load(lse_ptr + offs_m, mask=offs_m < L, other=float("inf")).to(s.dtype)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(delta_ptr + offs_m, mask=offs_m < L, other=0.0).to(s.dtype)
-    return tl.math.exp2(s - lse2[:, None]), delta
+def _row_stats(lse_ptr, delta_ptr, offs_m, L):
+    """The saved logsumexp in the log2 domain and delta of the rows offs_m. lse = -inf (a row
+    that sees no key) becomes +inf, so that P = exp2(-inf - inf) = 0 rather than NaN."""
+    lse = tl.load(lse_ptr + offs_m, mask=offs_m < L, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    return lse2, tl.load(delta_ptr + offs_m, mask=offs_m < L, other=0.0)
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
@@ -203,6 +204,9 @@ def _sdpa_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
     """dK, dV of one key block of one key/value head: it owns them, looping over the query
     blocks of every query head of its GQA group, so nothing is accumulated atomically."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    # Computed transposed (keys as rows): K and V are the left operands held in registers for
+    # the whole loop, Q^T and dO stream through as right operands, and P^T, dS^T come out of
+    # one product in the layout the next one takes (no transposes of the score tile).
     n_n = tl.cdiv(S, BLOCK_N)
     pid = tl.program_id(0)
     bhk = pid // n_n
@@ -213,8 +217,8 @@ def _sdpa_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kt = _operand(_load_tile(K + b * skb + hk * skh, offs_d, E, ske, offs_n, S, sks), ACC, UPCAST)
-    vt = _operand(_load_tile(V + b * svb + hk * svh, offs_dv, Ev, sve, offs_n, S, svs), ACC, UPCAST)
+    k = _operand(_load_tile(K + b * skb + hk * skh, offs_n, S, sks, offs_d, E, ske), ACC, UPCAST)
+    v = _operand(_load_tile(V + b * svb + hk * svh, offs_n, S, svs, offs_dv, Ev, sve), ACC, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
     lo = 0
@@ -228,21 +232,22 @@ def _sdpa_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
         m_base = Mask + b * smb + h * smh
         for start_m in range(lo, L, BLOCK_M):
             offs_m = start_m + offs_m0
-            q = _operand(_load_tile(q_base, offs_m, L, sql, offs_d, E, sqe), ACC, UPCAST)
+            qt = _operand(_load_tile(q_base, offs_d, E, sqe, offs_m, L, sql), ACC, UPCAST)
             do = _operand(_load_tile(do_base, offs_m, L, sdl, offs_dv, Ev, sde), ACC, UPCAST)
-            s = _scores(q, kt, offs_m, offs_n, L, S, m_base, sml, sms, qk_scale,
-                        HAS_MASK, MASK_BOOL, IS_CAUSAL, PREC)
-            p, delta = _probs(s, Lse + bh * L, Delta + bh * L, offs_m, L)
-            dp = tl.dot(do, vt, input_precision=PREC)
+            lse2, delta = _row_stats(Lse + bh * L, Delta + bh * L, offs_m, L)
+            st = _scores(tl.dot(k, qt, input_precision=PREC), offs_m[None, :], offs_n[:, None],
+                         L, S, m_base, sml, sms, qk_scale, HAS_MASK, MASK_BOOL, IS_CAUSAL)
+            pt = tl.math.exp2(st - lse2.to(ACC)[None, :])
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
             if DROPOUT:
-                keep = _keep(_row_keys(seed, bh, offs_m), offs_n, threshold)
-                pd = tl.where(keep, p * drop_scale, 0.0)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
+                keep = _keep(_row_keys(seed, bh, offs_m)[None, :], offs_n[:, None], threshold)
+                pdt = tl.where(keep, pt * drop_scale, 0.0)
+                dpt = tl.where(keep, dpt * drop_scale, 0.0)
             else:
-                pd = p
-            dv += tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+                pdt = pt
+            dv += tl.dot(pdt.to(do.dtype), do, input_precision=PREC)
+            dst = pt * (dpt - delta.to(ACC)[None, :])
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
     dk *= sm_scale
     n_ok = (offs_n < S)[:, None]
     dk_ptr = (DK + b * sdkb + hk * sdkh + offs_n.to(tl.int64)[:, None] * sdks
@@ -285,6 +290,9 @@ def _sdpa_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
     m_base = Mask + b * smb + h * smh
     if DROPOUT:
         rows = _row_keys(seed, bh, offs_m)
+    lse2, delta = _row_stats(Lse + bh * L, Delta + bh * L, offs_m, L)
+    lse2 = lse2.to(ACC)
+    delta = delta.to(ACC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     hi = S
     if IS_CAUSAL:
@@ -293,12 +301,12 @@ def _sdpa_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
         offs_n = start_n + offs_n0
         kt = _operand(_load_tile(k_base, offs_d, E, ske, offs_n, S, sks), ACC, UPCAST)
         vt = _operand(_load_tile(v_base, offs_dv, Ev, sve, offs_n, S, svs), ACC, UPCAST)
-        s = _scores(q, kt, offs_m, offs_n, L, S, m_base, sml, sms, qk_scale,
-                    HAS_MASK, MASK_BOOL, IS_CAUSAL, PREC)
-        p, delta = _probs(s, Lse + bh * L, Delta + bh * L, offs_m, L)
+        s = _scores(tl.dot(q, kt, input_precision=PREC), offs_m[:, None], offs_n[None, :], L, S,
+                    m_base, sml, sms, qk_scale, HAS_MASK, MASK_BOOL, IS_CAUSAL)
+        p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=PREC)
         if DROPOUT:
-            dp = tl.where(_keep(rows, offs_n, threshold), dp * drop_scale, 0.0)
+            dp = tl.where(_keep(rows[:, None], offs_n[None, :], threshold), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     dq *= sm_scale
@@ -321,41 +329,57 @@ def head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-# Block sizes per padded head dim (BLOCK_M, BLOCK_N, num_warps, num_stages) for sm_80/sm_90.
-# The forward keeps a [BLOCK_M, D] accumulator and the Q tile in registers: 128 x 64 with 4-8
-# warps up to D = 128, 64-row blocks at D = 256 (kernels/aot.py checks these compile without
-# spills). The backward kernels hold two [BLOCK_N, D] accumulators (dK, dV) or one (dQ).
-_FWD_CONFIGS = {
-    16: [(128, 64, 4, 3), (128, 128, 8, 3)],
-    32: [(128, 64, 4, 3), (128, 128, 8, 3)],
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
-    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-    256: [(64, 32, 4, 2), (64, 64, 8, 2)],
-}
-_DKDV_CONFIGS = {
-    16: [(32, 128, 4, 3), (64, 64, 4, 3)],
-    32: [(32, 128, 4, 3), (64, 64, 4, 3)],
-    64: [(32, 128, 8, 3), (64, 64, 4, 3)],
-    128: [(32, 128, 8, 3), (32, 64, 4, 3)],
-    256: [(16, 64, 8, 2), (32, 32, 4, 2)],
-}
-_DQ_CONFIGS = {
-    16: [(128, 32, 4, 3), (64, 64, 4, 3)],
-    32: [(128, 32, 4, 3), (64, 64, 4, 3)],
-    64: [(128, 32, 8, 3), (64, 64, 4, 3)],
-    128: [(128, 32, 8, 3), (64, 32, 4, 3)],
-    256: [(64, 16, 8, 2), (32, 32, 4, 2)],
+# Block sizes per padded head dim (BLOCK_M, BLOCK_N, num_warps, num_stages) on sm_80/sm_90,
+# each checked to compile for sm_80 with zero spills with every mode flag on (the first of each
+# list for sm_90 too: kernels/aot.py). The forward keeps a [BLOCK_M, D] fp32 accumulator, the Q
+# tile and a [BLOCK_M, BLOCK_N] score tile in registers: 128 x 64 with 8 warps up to D = 128
+# (4 warps spill once mask + dropout + causal are on), 64 x 64 at D = 256. dK/dV hold two
+# [BLOCK_N, D] accumulators plus K and V, hence the small tiles; dQ one accumulator.
+# fp32 operands run on FMA units (input_precision="ieee"), which needs far smaller tiles.
+_CONFIGS = {
+    ("fwd", False): {
+        16: [(128, 64, 8, 3), (128, 128, 8, 3)],
+        32: [(128, 64, 8, 3), (128, 128, 8, 3)],
+        64: [(128, 64, 8, 3), (128, 128, 8, 3)],
+        128: [(128, 64, 8, 3), (64, 64, 4, 3)],
+        256: [(64, 64, 8, 2)],
+    },
+    ("fwd", True): {16: [(32, 32, 4, 2)], 32: [(32, 32, 4, 2)], 64: [(32, 32, 4, 2)],
+                    128: [(32, 32, 4, 2)], 256: [(16, 32, 4, 1)]},
+    ("dkdv", False): {
+        16: [(32, 32, 4, 2), (16, 64, 4, 2)],
+        32: [(32, 32, 4, 2), (16, 64, 4, 2)],
+        64: [(32, 32, 4, 2), (16, 64, 4, 2)],
+        128: [(32, 64, 8, 2), (16, 64, 8, 1)],
+        256: [(16, 32, 8, 1), (32, 32, 8, 1)],
+    },
+    ("dkdv", True): {16: [(16, 32, 4, 2)], 32: [(16, 32, 4, 2)], 64: [(16, 32, 4, 2)],
+                     128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
+    ("dq", False): {
+        16: [(128, 32, 8, 2), (64, 32, 4, 2)],
+        32: [(128, 32, 8, 2), (64, 32, 4, 2)],
+        64: [(128, 32, 8, 2), (64, 32, 4, 2)],
+        128: [(64, 32, 4, 2)],
+        256: [(64, 16, 8, 1), (32, 16, 4, 1)],
+    },
+    ("dq", True): {16: [(32, 16, 4, 1)], 32: [(32, 16, 4, 1)], 64: [(32, 16, 4, 1)],
+                   128: [(32, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
 }
 _INTERPRETER_CONFIG = (16, 16, 4, 1)  # tests use L, S <= 40: a few programs of a few blocks
 
 
+def config_table(kind: str, fp32: bool) -> dict[int, list[tuple[int, int, int, int]]]:
+    """{padded head dim: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]} of a kernel kind
+    (fwd, dkdv, dq) for fp32 operands or for fp16/bf16."""
+    return _CONFIGS[(kind, fp32)]
+
+
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, d: int):
+def _tuned(kernel_name: str, d: int, fp32: bool):
     """The kernel autotuned over its configs for padded head dim d (GPU only)."""
-    table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kernel_name]
     kernel = {"fwd": _sdpa_fwd_kernel, "dkdv": _sdpa_bwd_dkdv, "dq": _sdpa_bwd_dq}[kernel_name]
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
-               for m, n, w, st in table[d]]
+               for m, n, w, st in config_table(kernel_name, fp32)[d]]
     return triton.autotune(configs, key=["L", "S", "E", "Ev", "group"])(kernel)
 
 
@@ -364,7 +388,7 @@ def _launch(kernel_name: str, kernel, d: int, grid_of, *args, **constexprs) -> N
         m, n, w, _ = _INTERPRETER_CONFIG
         kernel[(grid_of(m, n),)](*args, BLOCK_M=m, BLOCK_N=n, num_warps=w, **constexprs)
     else:
-        _tuned(kernel_name, d)[lambda meta: (grid_of(meta["BLOCK_M"], meta["BLOCK_N"]),)](
+        _tuned(kernel_name, d, constexprs["PREC"] == "ieee")[lambda meta: (grid_of(meta["BLOCK_M"], meta["BLOCK_N"]),)](
             *args, **constexprs)
 
 
@@ -474,7 +498,7 @@ def _forward_into(query, key, value, attn_mask, dropout_p, is_causal, scale, see
         _launch("fwd", _sdpa_fwd_kernel, d, lambda bm, bn: triton.cdiv(L, bm) * B * Hq,
                 query, key, value, query if attn_mask is None else attn_mask, out, lse,
                 *query.stride(), *key.stride(), *value.stride(), *_strides(attn_mask),
-                *out.stride(), Hq, Hq // Hk, L, S, E, Ev, scale * LOG2E, seed32, threshold,
+                *out.stride(), Hq, Hq // Hk, L, S, E, Ev, scale * LOG2E.value, seed32, threshold,
                 drop_scale, BLOCK_D=d, BLOCK_DV=head_block(Ev),
                 **_modes(query, attn_mask, dropout_p, is_causal))
     return out, lse
@@ -521,10 +545,10 @@ def sdpa_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, i
             BLOCK_M=bm, BLOCK_DV=dvb)
         _launch("dkdv", _sdpa_bwd_dkdv, d, lambda bm, bn: triton.cdiv(S, bn) * B * Hk,
                 query, key, value, mask, grad_out, lse, delta, dk, dv, *common,
-                *dk.stride(), *dv.stride(), Hq, Hk, Hq // Hk, L, S, E, Ev, scale * LOG2E, scale,
+                *dk.stride(), *dv.stride(), Hq, Hk, Hq // Hk, L, S, E, Ev, scale * LOG2E.value, scale,
                 seed32, threshold, drop_scale, BLOCK_D=d, BLOCK_DV=dvb, **modes)
         _launch("dq", _sdpa_bwd_dq, d, lambda bm, bn: triton.cdiv(L, bm) * B * Hq,
                 query, key, value, mask, grad_out, lse, delta, dq, *common, *dq.stride(),
-                Hq, Hq // Hk, L, S, E, Ev, scale * LOG2E, scale, seed32, threshold, drop_scale,
+                Hq, Hq // Hk, L, S, E, Ev, scale * LOG2E.value, scale, seed32, threshold, drop_scale,
                 BLOCK_D=d, BLOCK_DV=dvb, **modes)
     return dq, dk, dv

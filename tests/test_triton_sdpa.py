@@ -1,7 +1,11 @@
 """The Triton scaled-dot-product attention (torch.ops.pyseqk.triton_sdpa and its backward) against
 the float64 reference: under TRITON_INTERPRET=1 on CPU tensors here (tiny shapes), on CUDA
 tensors at realistic sizes wherever a GPU exists (@pytest.mark.gpu, also for the cuda backend)."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -281,7 +285,29 @@ def test_aot_configs_are_in_the_table():
     """Every padded head dim the launcher can produce has GPU configs (1 .. 256)."""
     for d in (1, 5, 16, 17, 64, 100, 128, 129, 256):
         b = K.head_block(d)
-        assert b in K._FWD_CONFIGS and b in K._DKDV_CONFIGS and b in K._DQ_CONFIGS
+        for kind in ("fwd", "dkdv", "dq"):
+            for fp32 in (False, True):
+                assert K.config_table(kind, fp32)[b], (kind, fp32, b)
+
+
+def test_aot_uses_tensor_cores_without_spills():
+    """The forward at D = 128 in bf16 and fp16 compiles, without a GPU, to wgmma on sm_90 and to
+    mma.sync on sm_80, with zero spills (kernels/aot.py counts the instructions in the PTX).
+    In a subprocess: the interpreter the tests run under replaces every @triton.jit."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "pyseqk.kernels.aot", "--json", "--filter",
+                           "sdpa_fwd_d128"], env=env, capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert {(r["dtype"], r["arch"]) for r in rows} == {(d, a) for d in ("bf16", "fp16")
+                                                       for a in (80, 90)}
+    for r in rows:
+        assert r["spills"] == 0 and r["registers"] > 0, r
+        if r["arch"] == 90:
+            assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
+        else:
+            assert r["mma_sync"] > 0 and r["wgmma"] == 0, r
 
 
 # ---------------------------------------------------------------------------------------------
