@@ -718,18 +718,22 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_bwd_delta(const T* out, int6
                                                            int64_t Hq, int64_t L, int64_t Ev,
                                                            int64_t rows, float* delta) {
   using A = typename AccOf<T>::type;
-  const int64_t row = blockIdx.x * int64_t(kThreads / 32) + (threadIdx.x >> 5);
-  if (row >= rows) return;  // whole warps leave together: the shuffles below stay converged
   const int lane = threadIdx.x & 31;
-  const int64_t bh = row / L, i = row - bh * L;
-  const int64_t b = bh / Hq, h = bh - b * Hq;
-  const T* orow = out + b * o_s0 + h * o_s1 + i * o_s2;
-  const T* drow = dout + b * d_s0 + h * d_s1 + i * d_s2;
-  A s = A(0);
-  for (int64_t c = lane; c < Ev; c += 32) s += A(to_acc(orow[c * o_s3])) * A(to_acc(drow[c * d_s3]));
+  // Grid-stride over rows (B * Hq * L can pass the grid limit); a warp's lanes share the row,
+  // so the loop bound and the shuffles below stay warp-uniform.
+  for (int64_t row = blockIdx.x * int64_t(kThreads / 32) + (threadIdx.x >> 5); row < rows;
+       row += int64_t(gridDim.x) * (kThreads / 32)) {
+    const int64_t bh = row / L, i = row - bh * L;
+    const int64_t b = bh / Hq, h = bh - b * Hq;
+    const T* orow = out + b * o_s0 + h * o_s1 + i * o_s2;
+    const T* drow = dout + b * d_s0 + h * d_s1 + i * d_s2;
+    A s = A(0);
+    for (int64_t c = lane; c < Ev; c += 32)
+      s += A(to_acc(orow[c * o_s3])) * A(to_acc(drow[c * d_s3]));
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  if (lane == 0) delta[row] = float(s);
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) delta[row] = float(s);
+  }
 }
 
 template <class T, int DB>
@@ -1072,7 +1076,9 @@ void delta_launch(const SdpaParams& p, const void* out, const int64_t* os, const
                   const int64_t* go, float* delta, cudaStream_t stream) {
   const int64_t rows = p.B * p.Hq * p.L;
   constexpr int kRowsPerBlock = kThreads / 32;
-  sdpa_bwd_delta<T><<<dim3(unsigned(cdiv(rows, kRowsPerBlock))), kThreads, 0, stream>>>(
+  const int64_t blocks = cdiv(rows, kRowsPerBlock);
+  sdpa_bwd_delta<T><<<dim3(unsigned(blocks < (1 << 20) ? blocks : (1 << 20))), kThreads, 0,
+                      stream>>>(
       static_cast<const T*>(out), os[0], os[1], os[2], os[3], static_cast<const T*>(dout), go[0],
       go[1], go[2], go[3], p.Hq, p.L, p.Ev, rows, delta);
 }
