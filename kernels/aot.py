@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from . import _common, gru, lstm, rnn
+from . import _common, gru, lstm, rnn, sdpa
 from . import layers as _layers
 from . import seq2seq_attention
 
@@ -77,7 +77,7 @@ def all_kernels() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
             ]
         rows += seq2seq_attention.aot_kernels(dt)
         rows += _layer_kernels(dt)
-    return [(f"{name}[{_dtype_of(sig)}]", k, sig, c) for name, k, sig, c in rows]
+    return [(f"{name}[{_dtype_of(sig)}]", k, sig, c) for name, k, sig, c in rows] + sdpa_kernels()
 
 
 def _layer_kernels(dt: str) -> list:
@@ -187,7 +187,8 @@ for line in sys.stdin:
         kernel = getattr(importlib.import_module(req["module"]), req["name"])
         attrs = None if req["attrs"] is None else {tuple(k): v for k, v in req["attrs"]}
         rep = aot.compile_report(kernel, req["signature"], req["constexprs"], req["arch"],
-                                 num_warps=req["num_warps"], attrs=attrs)
+                                 num_warps=req["num_warps"], attrs=attrs,
+                                 num_stages=req.get("num_stages"))
         out.write(json.dumps({"report": rep}) + "\\n")
     except Exception:
         out.write(json.dumps({"error": traceback.format_exc()}) + "\\n")
@@ -237,7 +238,7 @@ def _compiles_in_process(kernel) -> bool:
 
 def compile_report(kernel, signature: dict[str, str], constexprs: dict[str, Any], arch: int,
                    num_warps: int = _common.NUM_WARPS,
-                   attrs: Optional[dict] = None) -> dict[str, int]:
+                   attrs: Optional[dict] = None, num_stages: Optional[int] = None) -> dict[str, int]:
     """Compile `kernel` for sm_<arch> (no GPU needed) and return dict(registers, spill_stores,
     spill_loads, spills, stack_bytes); spills = spill_stores + spill_loads, in bytes.
 
@@ -245,14 +246,16 @@ def compile_report(kernel, signature: dict[str, str], constexprs: dict[str, Any]
     (they may be left out of the signature). attrs: specialization hints {(arg index,):
     [["tt.divisibility", 16]]}; by default every pointer is 16-byte aligned, as the runtime JIT
     specializes for torch's allocations. Under TRITON_INTERPRET=1 the compile runs in a worker
-    process with the interpreter off (see _Worker)."""
+    process with the interpreter off (see _Worker). num_stages: Triton's default when None.
+    The report also counts the tensor-core instructions in the PTX: wgmma (wgmma.mma_async,
+    sm_90) and mma_sync (mma.sync, sm_80 style)."""
     if not _compiles_in_process(kernel):
         if os.environ.get("_PYSEQK_AOT_WORKER") == "1":
             raise RuntimeError("the AOT worker itself runs under the interpreter")
         module, name = _kernel_id(kernel)
         return _get_worker().request(
             module=module, name=name, signature=dict(signature), constexprs=dict(constexprs),
-            arch=int(arch), num_warps=int(num_warps),
+            arch=int(arch), num_warps=int(num_warps), num_stages=num_stages,
             attrs=None if attrs is None else [[list(k), v] for k, v in attrs.items()])
     fn = kernel
     sig = dict(signature)
@@ -266,33 +269,46 @@ def compile_report(kernel, signature: dict[str, str], constexprs: dict[str, Any]
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                  if sig[a].startswith("*")}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    report = _ptxas_report(compiled.asm["ptx"], arch,
-                           getattr(compiled.metadata, "enable_fp_fusion", True))
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps,
+                                       **({} if num_stages is None else {"num_stages": num_stages})})
+    ptx = compiled.asm["ptx"]
+    report = _ptxas_report(ptx, arch, getattr(compiled.metadata, "enable_fp_fusion", True))
     report["spills"] = report["spill_stores"] + report["spill_loads"]
+    report["wgmma"] = len(re.findall(r"\bwgmma\.mma_async", ptx))
+    report["mma_sync"] = len(re.findall(r"\bmma\.sync", ptx))
     return report
 
 
-def report(archs=ARCHS) -> list[dict[str, Any]]:
+def report(archs=ARCHS, name_filter: str = "") -> list[dict[str, Any]]:
+    """Rows of all_kernels() whose name contains name_filter; a row's optional fifth element
+    holds compile_report options (num_warps, num_stages, attrs)."""
     rows = []
-    for name, kernel, signature, constexprs in all_kernels():
+    for row in all_kernels():
+        name, kernel, signature, constexprs = row[:4]
+        options = row[4] if len(row) > 4 else {}
+        if name_filter not in name:
+            continue
         base, dtype = name[:-1].split("[")
         for arch in archs:
-            r = compile_report(kernel, signature, constexprs, arch)
+            r = compile_report(kernel, signature, constexprs, arch, **options)
             rows.append(dict(kernel=base, dtype=dtype, arch=arch, **r))
     return rows
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    rows = report()
+    name_filter = argv[argv.index("--filter") + 1] if "--filter" in argv else ""
+    rows = report(name_filter=name_filter)
     if "--json" in argv:
         print(json.dumps(rows))
     else:
-        print(f"{'kernel':<20}{'dtype':<7}{'arch':<7}{'registers':>10}{'spills':>8}")
+        w = max([20] + [len(r["kernel"]) + 2 for r in rows])
+        print(f"{'kernel':<{w}}{'dtype':<7}{'arch':<7}{'registers':>10}{'spills':>8}"
+              f"{'wgmma':>7}{'mma.sync':>9}")
         for r in rows:
-            print(f"{r['kernel']:<20}{r['dtype']:<7}{'sm_' + str(r['arch']):<7}"
-                  f"{r['registers']:>10}{r['spills']:>8}")
+            print(f"{r['kernel']:<{w}}{r['dtype']:<7}{'sm_' + str(r['arch']):<7}"
+                  f"{r['registers']:>10}{r['spills']:>8}{r['wgmma']:>7}{r['mma_sync']:>9}")
     return 1 if any(r["spills"] for r in rows) else 0
 
 
@@ -316,6 +332,76 @@ def all_kernels() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:  # n
             (f"posenc_bwd[{dt}]", _posenc._posenc_bwd_kernel,
              {**_sig(dt, "grad_ptr grad_x_ptr", "N seed threshold"), **floats}, dict(**blk)),
         ]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Attention (kernels/sdpa.py): the forward and backward kernels at the block sizes the GPU
+# launcher autotunes from (its first config per table), with every mode flag on (bool mask,
+# causal, dropout: the most live values), for realistic head dims. Strides of the last dim are
+# 1 and the others divisible by 16, as Triton's runtime specialization sees contiguous tensors.
+
+_SDPA_UNIT_STRIDES = {"sqe", "ske", "sve", "sms", "soe", "sde", "sdke", "sdve", "sdqe"}
+_SDPA_FLOATS = {"qk_scale", "sm_scale", "drop_scale"}
+_SDPA_NOT_DIVISIBLE = {"Hq", "Hk", "group", "seed", "threshold"}
+_SDPA_POINTERS = {"Q", "K", "V", "Mask", "Out", "Lse", "DO", "Delta", "DQ", "DK", "DV"}
+
+
+def sdpa_signature(kernel, dtype: str, constexprs: dict[str, Any]):
+    """(signature, constexprs with the unit strides, attrs) for an sdpa kernel in `dtype`."""
+    fn = getattr(kernel, "fn", kernel)
+    names = list(getattr(kernel, "arg_names", None) or fn.__code__.co_varnames[:fn.__code__.co_argcount])
+    pointers = {"Mask": "*i1", "Lse": "*fp32", "Delta": "*fp64" if dtype == "fp64" else "*fp32"}
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, a in enumerate(names):
+        if a in constexprs:
+            continue
+        if a in _SDPA_UNIT_STRIDES:
+            consts[a] = 1
+        elif a in _SDPA_FLOATS:
+            sig[a] = "fp32"
+        elif a in _SDPA_POINTERS:
+            sig[a] = pointers.get(a, f"*{dtype}")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[a] = "i32"
+            if a not in _SDPA_NOT_DIVISIBLE:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def _sdpa_row(name, kernel, dtype, d, table, **modes):
+    m, n, warps, stages = table[d][0]
+    flags = dict(HAS_MASK=True, MASK_BOOL=True, IS_CAUSAL=True, DROPOUT=True, UPCAST=dtype == "fp32",
+                 FP64=False, PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_M=m, BLOCK_N=n,
+                 BLOCK_D=d, BLOCK_DV=d)
+    flags.update(modes)
+    sig, consts, attrs = sdpa_signature(kernel, dtype, flags)
+    return (f"{name}_d{d}[{dtype}]", kernel, sig, consts,
+            dict(num_warps=warps, num_stages=stages, attrs=attrs))
+
+
+# (dtype, head dim) per kernel: bf16 at 64 and 128 (and 256 forward), fp16 at 128, fp32 at 64.
+_SDPA_CASES = {
+    "sdpa_fwd": [("bf16", 64), ("bf16", 128), ("fp16", 128), ("bf16", 256), ("fp32", 64)],
+    "sdpa_bwd_dkdv": [("bf16", 64), ("bf16", 128), ("fp32", 64)],
+    "sdpa_bwd_dq": [("bf16", 64), ("bf16", 128), ("fp32", 64)],
+}
+
+
+def sdpa_kernels() -> list[tuple]:
+    kernels = {"sdpa_fwd": (sdpa._sdpa_fwd_kernel, "fwd"),
+               "sdpa_bwd_dkdv": (sdpa._sdpa_bwd_dkdv, "dkdv"),
+               "sdpa_bwd_dq": (sdpa._sdpa_bwd_dq, "dq")}
+    rows = []
+    for name, cases in _SDPA_CASES.items():
+        kernel, kind = kernels[name]
+        for dtype, d in cases:
+            rows.append(_sdpa_row(name, kernel, dtype, d, sdpa.config_table(kind, dtype == "fp32")))
+    sig, consts, attrs = sdpa_signature(sdpa._sdpa_bwd_preprocess, "bf16",
+                                        dict(FP64=False, BLOCK_M=64, BLOCK_DV=128))
+    rows.append(("sdpa_bwd_preprocess_d128[bf16]", sdpa._sdpa_bwd_preprocess, sig, consts,
+                 dict(num_warps=4, attrs=attrs)))
     return rows
 
 
