@@ -93,23 +93,29 @@ class Seq2seq(nn.Module):
         state = last if self.cell_kind == "gru" else (last, torch.zeros_like(last))
         return keys, pad, state
 
-    def step(self, y_prev, context, state, keys, pad):
+    def step(self, y_prev, context, state, keys, pad, uk):
         x = torch.cat([self.tgt_emb(y_prev), context], dim=1)
         state = self.decoder(x, state)
         h = state if self.cell_kind == "gru" else state[0]
-        context, _ = self.attention(h.unsqueeze(1), keys, key_padding_mask=pad)
+        if uk is None:
+            context, _ = self.attention(h.unsqueeze(1), keys, key_padding_mask=pad)
+        else:
+            context, _ = self.attention(h.unsqueeze(1), keys, key_padding_mask=pad,
+                                        projected_keys=uk)
         context = context.squeeze(1)
         return self.out(torch.cat([h, context], dim=1)), context, state
 
     def forward(self, src, lengths, tgt=None):
         """Teacher-forced logits [B, 10, V] when tgt is given, greedy predictions [B, 10] else."""
         keys, pad, state = self.encode(src, lengths)
+        # Bahdanau: Ua(keys) once per sequence, not at each of the 10 steps
+        uk = self.attention.project_keys(keys) if hasattr(self.attention, "project_keys") else None
         B = src.shape[0]
         y = torch.full((B,), BOS, dtype=torch.long, device=src.device)
         context = keys.new_zeros(B, keys.shape[2])
         outs = []
         for t in range(TGT_LEN):
-            logits, context, state = self.step(y, context, state, keys, pad)
+            logits, context, state = self.step(y, context, state, keys, pad, uk)
             outs.append(logits)
             y = tgt[:, t] if tgt is not None else logits.argmax(1)
         logits = torch.stack(outs, 1)

@@ -266,6 +266,23 @@ def test_bahdanau_module_sequence_and_mask(backend):
                                         fast_mode=backend == "triton")
 
 
+def test_bahdanau_module_projected_keys():
+    """Keys projected once (project_keys) give the same outputs and gradients as projecting them
+    at every call."""
+    torch.manual_seed(3)
+    m = pyseqk.nn.BahdanauAttention(5).double()
+    keys = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    queries = [torch.randn(2, 1, 5, dtype=torch.float64) for _ in range(3)]
+    uk = m.project_keys(keys)
+    cached = sum(m(q, keys, projected_keys=uk)[0].sum() for q in queries)
+    g_cached = torch.autograd.grad(cached, [keys, m.Ua.weight])
+    plain = sum(m(q, keys)[0].sum() for q in queries)
+    g_plain = torch.autograd.grad(plain, [keys, m.Ua.weight])
+    torch.testing.assert_close(cached, plain)
+    for a, b in zip(g_cached, g_plain):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("score", ["dot", "general"])
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_luong_module(backend, score):

@@ -105,13 +105,17 @@ __global__ void __launch_bounds__(kThreads) attention_fwd(
     M acc = neg_inf;
     if (!(mask && mask[b * Tk + j])) {
       const T* kr = k + (b * Tk + j) * D;
+      auto term = [&](int64_t d) -> M {
+        if (kAdditive) return ld(v, d) * fast_tanh(ld(qr, d) + ld(kr, d));
+        return ld(qr, d) * ld(kr, d);
+      };
       acc = 0;
-      for (int64_t d = lane; d < D; d += 32) {
-        if (kAdditive) {
-          acc += ld(v, d) * fast_tanh(ld(qr, d) + ld(kr, d));
-        } else {
-          acc += ld(qr, d) * ld(kr, d);
-        }
+      if (sizeof(M) == 8 && kAdditive) {
+        // Not unrolled: the fp64 tanh's exp keeps a slow path whose call spills when unrolled.
+#pragma unroll 1
+        for (int64_t d = lane; d < D; d += 32) acc += term(d);
+      } else {
+        for (int64_t d = lane; d < D; d += 32) acc += term(d);
       }
       acc = warp_sum(acc);
     }

@@ -2,6 +2,8 @@
 // implementations; the CUDA ones register in seq2seq_cuda.cpp.
 #include <torch/library.h>
 
+#include <cstdint>
+
 #include "ops/seq2seq.h"
 
 namespace pyseqk {
@@ -13,6 +15,7 @@ struct CpuSeq2seqKernels {
     explicit Guard(const at::Tensor&) {}
   };
   static constexpr bool kScratch = false;
+  static constexpr int64_t kMaxRows = INT64_MAX;
   static constexpr auto luong_attention_forward = &cpu::luong_attention_forward;
   static constexpr auto bahdanau_attention_forward = &cpu::bahdanau_attention_forward;
   static constexpr auto bahdanau_attention_backward = &cpu::bahdanau_attention_backward;

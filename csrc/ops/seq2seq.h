@@ -83,6 +83,13 @@ inline at::Tensor scratch_for(const at::Tensor& q, int64_t B, int64_t Tq, int64_
   return at::empty({B, Tq, Tk}, q.options().dtype(acc_type(q)));
 }
 
+// The CUDA kernels run one block per query row (forward) and per key row (backward).
+template <class K>
+inline void check_rows(int64_t rows, const char* what) {
+  TORCH_CHECK(rows <= K::kMaxRows, "pyseqk: ", what, " = ", rows,
+              " exceeds this backend's limit of ", K::kMaxRows, " rows");
+}
+
 inline void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 inline const bool* mask_ptr(const at::Tensor& m) { return m.defined() ? m.data_ptr<bool>() : nullptr; }
@@ -101,6 +108,7 @@ struct Ops {
     at::Tensor weights = at::empty({B, Tq, Tk}, query.options());
     const at::Tensor q = query.contiguous(), k = keys.contiguous(), v = values.contiguous();
     const at::Tensor m = has(key_padding_mask) ? key_padding_mask->contiguous() : at::Tensor();
+    check_rows<K>(B * Tq, "batch * query_len");
     if (B * Tq > 0) {
       const at::Tensor scratch = scratch_for<K>(q, B, Tq, Tk);
       K::luong_attention_forward(dtype, q.data_ptr(), k.data_ptr(), v.data_ptr(), mask_ptr(m),
@@ -138,6 +146,7 @@ struct Ops {
     const at::Tensor a = wq.contiguous(), b = uk.contiguous(), vv = v.contiguous(),
                      val = values.contiguous();
     const at::Tensor m = has(key_padding_mask) ? key_padding_mask->contiguous() : at::Tensor();
+    check_rows<K>(B * Tq, "batch * query_len");
     if (B * Tq > 0) {
       const at::Tensor scratch = scratch_for<K>(a, B, Tq, Tk);
       K::bahdanau_attention_forward(dtype, a.data_ptr(), b.data_ptr(), vv.data_ptr(),
@@ -159,6 +168,8 @@ struct Ops {
     at::Tensor dwq = at::zeros({B, Tq, D}, opts);
     at::Tensor duk = at::zeros({B, Tk, D}, opts);
     at::Tensor dv = at::zeros({D}, opts);
+    check_rows<K>(B * Tq, "batch * query_len");
+    check_rows<K>(B * Tk, "batch * key_len");
     if (B * Tq * Tk * D > 0) {
       const at::Tensor a = wq.contiguous(), b = uk.contiguous(), vv = v.contiguous();
       K::bahdanau_attention_backward(dtype, a.data_ptr(), b.data_ptr(), vv.data_ptr(),

@@ -28,6 +28,7 @@ struct CudaSeq2seqKernels {
     c10::cuda::CUDAGuard guard;
   };
   static constexpr bool kScratch = true;  // one block per query row keeps its scores in global memory
+  static constexpr int64_t kMaxRows = 2147483647;  // CUDA grid dimension x
   static constexpr OnStream<&cuda::luong_attention_forward> luong_attention_forward{};
   static constexpr OnStream<&cuda::bahdanau_attention_forward> bahdanau_attention_forward{};
   static constexpr OnStream<&cuda::bahdanau_attention_backward> bahdanau_attention_backward{};

@@ -72,8 +72,12 @@ class BahdanauAttention(torch.nn.Module):
     sum of the keys run fused. Va.bias cancels in the softmax: it receives no gradient (None),
     where the unfused version gives it an exact-zero-in-theory, rounding-noise-in-practice one.
 
-    forward(query [B, Tq, H], keys [B, Tk, H], key_padding_mask=None)
-    -> (context [B, Tq, H], weights [B, Tq, Tk])."""
+    forward(query [B, Tq, H], keys [B, Tk, H], key_padding_mask=None, projected_keys=None)
+    -> (context [B, Tq, H], weights [B, Tq, Tk]).
+
+    A decoder that attends to the same keys at every step can pass projected_keys =
+    project_keys(keys), computed once per sequence, and save the Ua GEMM (B*Tk*H*H multiply-adds,
+    more than the attention itself at Tq = 1) at every step."""
 
     def __init__(self, hidden_size: int, device=None, dtype=None):
         super().__init__()
@@ -83,7 +87,12 @@ class BahdanauAttention(torch.nn.Module):
         self.Ua = torch.nn.Linear(hidden_size, hidden_size, **kw)
         self.Va = torch.nn.Linear(hidden_size, 1, **kw)
 
-    def forward(self, query: Tensor, keys: Tensor,
-                key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return F.bahdanau_attention(self.Wa(query), self.Ua(keys), self.Va.weight.reshape(-1), keys,
+    def project_keys(self, keys: Tensor) -> Tensor:
+        """Ua(keys) [B, Tk, H]: pass it to forward as projected_keys to reuse it across steps."""
+        return self.Ua(keys)
+
+    def forward(self, query: Tensor, keys: Tensor, key_padding_mask: Tensor | None = None,
+                projected_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        uk = self.Ua(keys) if projected_keys is None else projected_keys
+        return F.bahdanau_attention(self.Wa(query), uk, self.Va.weight.reshape(-1), keys,
                                     key_padding_mask)
