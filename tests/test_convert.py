@@ -51,10 +51,11 @@ def build(dtype=torch.float64):
 
 
 def test_swaps_cover_the_recurrent_modules():
-    for tcls, pcls in SWAPS.items():
+    for tcls in (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU, torch.nn.RNNCell, torch.nn.LSTMCell,
+                 torch.nn.GRUCell):
+        pcls = SWAPS[tcls]
         assert issubclass(pcls, tcls) and pcls.__name__ == tcls.__name__
-    for tcls in (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU):
-        assert tcls in SWAPS
+        assert pcls is getattr(pyseqk.nn, tcls.__name__)
 
 
 def test_convert_in_place_keeps_state():
