@@ -25,9 +25,13 @@ using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const
                          const double*, const double*, const int*, const double*, const int*,
                          const double*, double*, const int*);
 
+// MKL's per-thread thread count (returns the previous one; 0 = back to the global setting).
+using set_threads_local_t = int (*)(int);
+
 struct Blas {
   sgemm_t sgemm = nullptr;
   dgemm_t dgemm = nullptr;
+  set_threads_local_t set_threads_local = nullptr;
   Blas() {
     Dl_info info;
     if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) == 0) return;
@@ -35,6 +39,8 @@ struct Blas {
     if (lib == nullptr) return;
     sgemm = reinterpret_cast<sgemm_t>(dlsym(lib, "sgemm_"));
     dgemm = reinterpret_cast<dgemm_t>(dlsym(lib, "dgemm_"));
+    set_threads_local =
+        reinterpret_cast<set_threads_local_t>(dlsym(lib, "MKL_Set_Num_Threads_Local"));
   }
 };
 
@@ -42,6 +48,24 @@ const Blas& blas() {
   static const Blas b;
   return b;
 }
+
+// Below ~1M multiply-adds (B = 1, H = 128: 65k) a step's GEMM takes a few microseconds, about
+// what waking the second OpenMP thread costs: run it on the calling thread.
+constexpr int64_t kSingleThreadMacs = int64_t(1) << 20;
+// Up to this many batch rows the recurrent GEMM is a hand-written GEMV (cpu::small_gemm_f32).
+constexpr int64_t kSmallBatch = 2;
+
+struct SingleThreadIfSmall {
+  int previous = -1;
+  explicit SingleThreadIfSmall(int64_t macs) {
+    if (macs < kSingleThreadMacs && blas().set_threads_local) {
+      previous = blas().set_threads_local(1);
+    }
+  }
+  ~SingleThreadIfSmall() {
+    if (previous >= 0) blas().set_threads_local(previous);
+  }
+};
 
 struct CpuLayerKernels {
   struct Guard {
@@ -60,6 +84,13 @@ struct CpuLayerKernels {
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
     const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
     const auto st = like.scalar_type();
+    if (st == at::kFloat && M <= kSmallBatch && !ta && K > 0) {
+      cpu::small_gemm_f32(tb, M, N, K, static_cast<const float*>(A), lda,
+                          static_cast<const float*>(B), ldb, static_cast<float>(beta),
+                          static_cast<float*>(C), ldc);
+      return;
+    }
+    const SingleThreadIfSmall threads(M * N * K);
     if (small && st == at::kFloat && blas().sgemm) {
       const float one = 1.f, b = static_cast<float>(beta);
       blas().sgemm(&tra, &trb, &m, &n, &k, &one, static_cast<const float*>(B), &la,

@@ -193,19 +193,21 @@ struct Layers {
     const int64_t first = reverse ? T : 0;
     hs[first].copy_(h0);
     cs[first].copy_(c0);
-    const at::Tensor whh = w_hh.contiguous();
-    const at::Tensor whr = proj ? w_hr->contiguous() : at::Tensor();
+    // W^T copies [P, G], [H, P]: the step GEMMs then stream the weights row by row (axpy
+    // form), which the tiny-batch GEMV needs and BLAS does not mind.
+    const at::Tensor whhT = w_hh.t().contiguous();
+    const at::Tensor whrT = proj ? w_hr->t().contiguous() : at::Tensor();
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
       const int64_t m = len.rows[t];
-      gemm(input, false, true, m, G, P, at_step(hs, ip), P, whh.data_ptr(), P, 1.0,
+      gemm(input, false, false, m, G, P, at_step(hs, ip), P, whhT.data_ptr(), G, 1.0,
            at_step(gates, t), G);
       K::lstm_forward_step(dtype, t, len.ptr(), B, H, at_step(gates, t), at_step(cs, ip),
                            at_step(cs, in), proj ? nullptr : at_step(hs, ip),
                            proj ? at_step(ms, t) : at_step(hs, in),
                            proj ? nullptr : at_step(out, t));
       if (proj) {
-        gemm(input, false, true, m, P, H, at_step(ms, t), H, whr.data_ptr(), H, 0.0,
+        gemm(input, false, false, m, P, H, at_step(ms, t), H, whrT.data_ptr(), P, 0.0,
              at_step(out, t), P);
         K::select_step(dtype, t, len.ptr(), B, P, at_step(out, t), at_step(hs, ip),
                        at_step(hs, in));
@@ -292,10 +294,10 @@ struct Layers {
     at::Tensor ws = at::empty({T, B, 4 * H}, opts);
     at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
     hs[reverse ? T : 0].copy_(h0);
-    const at::Tensor whh = w_hh.contiguous();
+    const at::Tensor whhT = w_hh.t().contiguous();
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
-      gemm(input, false, true, len.rows[t], G, H, at_step(hs, ip), H, whh.data_ptr(), H, 0.0,
+      gemm(input, false, false, len.rows[t], G, H, at_step(hs, ip), H, whhT.data_ptr(), G, 0.0,
            gh.data_ptr(), G);
       K::gru_forward_step(dtype, t, len.ptr(), B, H, at_step(gi, t), gh.data_ptr(), cptr(b_hn),
                           at_step(hs, ip), at_step(ws, t), at_step(hs, in), at_step(out, t));
@@ -347,10 +349,10 @@ struct Layers {
     auto opts = input.options();
     at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
     hs[reverse ? T : 0].copy_(h0);
-    const at::Tensor whh = w_hh.contiguous();
+    const at::Tensor whhT = w_hh.t().contiguous();
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
-      gemm(input, false, true, len.rows[t], H, H, at_step(hs, ip), H, whh.data_ptr(), H, 1.0,
+      gemm(input, false, false, len.rows[t], H, H, at_step(hs, ip), H, whhT.data_ptr(), H, 1.0,
            at_step(pre, t), H);
       K::rnn_forward_step(dtype, relu, t, len.ptr(), B, H, at_step(pre, t), at_step(hs, ip),
                           at_step(hs, in), at_step(out, t));
