@@ -25,6 +25,14 @@ using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const
                          const double*, const double*, const int*, const double*, const int*,
                          const double*, double*, const int*);
 
+// MKL's packed GEMM: the step GEMMs reuse one weight T times, so it is packed once per call.
+using sgemm_pack_get_size_t = size_t (*)(const char*, const int*, const int*, const int*);
+using sgemm_pack_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                              const float*, const float*, const int*, float*);
+using sgemm_compute_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                                 const float*, const int*, const float*, const int*, const float*,
+                                 float*, const int*);
+
 // MKL's per-thread thread count (returns the previous one; 0 = back to the global setting).
 using set_threads_local_t = int (*)(int);
 
@@ -32,6 +40,9 @@ struct Blas {
   sgemm_t sgemm = nullptr;
   dgemm_t dgemm = nullptr;
   set_threads_local_t set_threads_local = nullptr;
+  sgemm_pack_get_size_t pack_size = nullptr;
+  sgemm_pack_t pack = nullptr;
+  sgemm_compute_t compute = nullptr;
   Blas() {
     Dl_info info;
     if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) == 0) return;
@@ -41,6 +52,9 @@ struct Blas {
     dgemm = reinterpret_cast<dgemm_t>(dlsym(lib, "dgemm_"));
     set_threads_local =
         reinterpret_cast<set_threads_local_t>(dlsym(lib, "MKL_Set_Num_Threads_Local"));
+    pack_size = reinterpret_cast<sgemm_pack_get_size_t>(dlsym(lib, "sgemm_pack_get_size_"));
+    pack = reinterpret_cast<sgemm_pack_t>(dlsym(lib, "sgemm_pack_"));
+    compute = reinterpret_cast<sgemm_compute_t>(dlsym(lib, "sgemm_compute_"));
   }
 };
 
@@ -104,6 +118,41 @@ struct CpuLayerKernels {
       return;
     }
     aten_gemm(like.options(), ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+
+  // A step weight w [K, N]; fp32 weights of batches above kSmallBatch are also packed for MKL
+  // (column-major: w is the left operand, "A", of C^T = w^T-as-stored x A^T).
+  struct Weight {
+    at::Tensor w, packed;
+    int k = 0, n = 0;
+    explicit Weight(const at::Tensor& w_) : w(w_) {
+      if (!w.defined() || w.scalar_type() != at::kFloat || !blas().pack || !blas().compute ||
+          !blas().pack_size || w.numel() == 0 || w.size(0) >= INT_MAX || w.size(1) >= INT_MAX) {
+        return;
+      }
+      k = static_cast<int>(w.size(0));
+      n = static_cast<int>(w.size(1));
+      const int one_row = 1;
+      const size_t bytes = blas().pack_size("A", &n, &one_row, &k);
+      packed = at::empty({static_cast<int64_t>((bytes + 3) / 4)}, w.options());
+      const float alpha = 1.f;
+      blas().pack("A", "N", &n, &one_row, &k, &alpha, w.data_ptr<float>(), &n,
+                  packed.data_ptr<float>());
+    }
+  };
+
+  static void step_gemm(const Weight& w, int64_t M, const void* A, int64_t lda, double beta,
+                        void* C, int64_t ldc) {
+    const int64_t N = w.w.size(1), K = w.w.size(0);
+    if (M > kSmallBatch && w.packed.defined() && M < INT_MAX && lda < INT_MAX && ldc < INT_MAX) {
+      const int m = static_cast<int>(M), la = static_cast<int>(lda), lc = static_cast<int>(ldc);
+      const float b = static_cast<float>(beta);
+      const SingleThreadIfSmall threads(M * N * K);
+      blas().compute("P", "N", &w.n, &m, &w.k, w.packed.data_ptr<float>(), &w.n,
+                     static_cast<const float*>(A), &la, &b, static_cast<float*>(C), &lc);
+      return;
+    }
+    gemm(w.w, false, false, M, N, K, A, lda, w.w.data_ptr(), N, beta, C, ldc);
   }
 
   static constexpr auto lstm_forward_step = &cpu::lstm_layer_forward_step;
