@@ -385,3 +385,26 @@ def test_gru_bad_h0(backend):
     a[1] = a[1][:1]
     with pyseqk.use_backend(backend), pytest.raises(RuntimeError, match="h0 must have shape"):
         F.gru_layer(*a)
+
+
+ONE_OUTPUT = [("lstm_proj", 0), ("lstm_proj", 1), ("lstm_proj", 2), ("gru", 0), ("gru", 1)]
+
+
+@pytest.mark.parametrize("kind,which", ONE_OUTPUT, ids=[f"{k}-{w}" for k, w in ONE_OUTPUT])
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "reference"])
+def test_layer_gradient_of_one_output(backend, kind, which):
+    """Only one output used: the backward ops get None for the others (no output gradient,
+    no h_n/c_n gradient) and must treat them as zero."""
+    args = make_args(kind, 3, 3, 2, 4, torch.float64)
+    lens = torch.tensor([3, 0, 2])
+
+    def grads(fn):
+        a = [t.clone().requires_grad_() if t is not None else None for t in args]
+        out = fn(*a, lengths=lens, reverse=True)
+        out[which].pow(2).sum().backward()
+        return [t.grad if t.grad is not None else torch.zeros_like(t) for t in a if t is not None]
+
+    with pyseqk.use_backend(backend):
+        ours = grads(layer_fn(kind))
+    for k, (o, r) in enumerate(zip(ours, grads(layer_fn(kind, R)))):
+        torch.testing.assert_close(o, r, atol=1e-12, rtol=1e-10, msg=f"grad of argument {k}")
