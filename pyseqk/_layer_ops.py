@@ -148,5 +148,6 @@ def register(prefix: str, ns) -> None:
             setup_context=setup)
 
 
-if _ops.NATIVE:
+# A stale extension built before the layer ops existed loads without them: import must not fail.
+if _ops.NATIVE and hasattr(torch.ops.pyseqk, "lstm_layer"):
     register("", torch.ops.pyseqk)

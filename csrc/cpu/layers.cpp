@@ -321,3 +321,71 @@ void rnn_layer_backward_step(DType dtype, bool relu, int64_t t, const int64_t* l
 
 }  // namespace cpu
 }  // namespace pyseqk
+
+// ---------------------------------------------------------------------------------------------
+// The recurrent GEMM of a tiny batch (B <= 4): a GEMV, where a BLAS call's fixed cost (argument
+// checks, kernel selection, thread handoff) is about the size of the work (B = 1, H = 128:
+// 65k multiply-adds, ~2 us). Single-threaded on purpose: the step's pointwise part is too.
+namespace pyseqk {
+namespace cpu {
+
+void small_gemm_f32(bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  using V = at::vec::Vectorized<float>;
+  constexpr int64_t L = V::size();
+  auto finish = [&](float* c, V acc, int64_t n) {
+    if (beta != 0.f) acc = acc + V::loadu(c, n) * V(beta);
+    acc.store(c, n);
+  };
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = A + m * lda;
+    float* c = C + m * ldc;
+    if (!tb) {
+      // C[m, :] = sum_k a[k] B[k, :]: broadcast-FMA over rows of B, 8 vectors of columns at a
+      // time kept in registers, no horizontal sums.
+      constexpr int64_t kVecs = 8;
+      for (int64_t n0 = 0; n0 < N; n0 += kVecs * L) {
+        V acc[kVecs];
+        for (auto& v : acc) v = V(0.f);
+        const int64_t width = std::min(kVecs * L, N - n0);
+        if (width == kVecs * L) {
+          for (int64_t k = 0; k < K; ++k) {
+            const V ak(a[k]);
+            const float* b = B + k * ldb + n0;
+            for (int64_t v = 0; v < kVecs; ++v) acc[v] = at::vec::fmadd(ak, V::loadu(b + v * L), acc[v]);
+          }
+        } else {
+          for (int64_t k = 0; k < K; ++k) {
+            const V ak(a[k]);
+            const float* b = B + k * ldb + n0;
+            for (int64_t v = 0; v * L < width; ++v) {
+              acc[v] = at::vec::fmadd(ak, V::loadu(b + v * L, std::min(L, width - v * L)), acc[v]);
+            }
+          }
+        }
+        for (int64_t v = 0; v * L < width; ++v) finish(c + n0 + v * L, acc[v], std::min(L, width - v * L));
+      }
+    } else {
+      // C[m, n] = dot(a, B[n, :]): four rows of B per pass, one horizontal sum per output.
+      for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, N - n0);
+        V acc[4] = {V(0.f), V(0.f), V(0.f), V(0.f)};
+        for (int64_t k = 0; k < K; k += L) {
+          const int64_t cnt = std::min(L, K - k);
+          const V av = cnt == L ? V::loadu(a + k) : V::loadu(a + k, cnt);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* b = B + (n0 + r) * ldb + k;
+            acc[r] = at::vec::fmadd(av, cnt == L ? V::loadu(b) : V::loadu(b, cnt), acc[r]);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float s = at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, acc[r]);
+          c[n0 + r] = beta != 0.f ? s + beta * c[n0 + r] : s;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyseqk

@@ -25,9 +25,24 @@ using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const
                          const double*, const double*, const int*, const double*, const int*,
                          const double*, double*, const int*);
 
+// MKL's packed GEMM: the step GEMMs reuse one weight T times, so it is packed once per call.
+using sgemm_pack_get_size_t = size_t (*)(const char*, const int*, const int*, const int*);
+using sgemm_pack_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                              const float*, const float*, const int*, float*);
+using sgemm_compute_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                                 const float*, const int*, const float*, const int*, const float*,
+                                 float*, const int*);
+
+// MKL's per-thread thread count (returns the previous one; 0 = back to the global setting).
+using set_threads_local_t = int (*)(int);
+
 struct Blas {
   sgemm_t sgemm = nullptr;
   dgemm_t dgemm = nullptr;
+  set_threads_local_t set_threads_local = nullptr;
+  sgemm_pack_get_size_t pack_size = nullptr;
+  sgemm_pack_t pack = nullptr;
+  sgemm_compute_t compute = nullptr;
   Blas() {
     Dl_info info;
     if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) == 0) return;
@@ -35,6 +50,11 @@ struct Blas {
     if (lib == nullptr) return;
     sgemm = reinterpret_cast<sgemm_t>(dlsym(lib, "sgemm_"));
     dgemm = reinterpret_cast<dgemm_t>(dlsym(lib, "dgemm_"));
+    set_threads_local =
+        reinterpret_cast<set_threads_local_t>(dlsym(lib, "MKL_Set_Num_Threads_Local"));
+    pack_size = reinterpret_cast<sgemm_pack_get_size_t>(dlsym(lib, "sgemm_pack_get_size_"));
+    pack = reinterpret_cast<sgemm_pack_t>(dlsym(lib, "sgemm_pack_"));
+    compute = reinterpret_cast<sgemm_compute_t>(dlsym(lib, "sgemm_compute_"));
   }
 };
 
@@ -42,6 +62,24 @@ const Blas& blas() {
   static const Blas b;
   return b;
 }
+
+// Below ~1M multiply-adds (B = 1, H = 128: 65k) a step's GEMM takes a few microseconds, about
+// what waking the second OpenMP thread costs: run it on the calling thread.
+constexpr int64_t kSingleThreadMacs = int64_t(1) << 20;
+// Up to this many batch rows the recurrent GEMM is a hand-written GEMV (cpu::small_gemm_f32).
+constexpr int64_t kSmallBatch = 2;
+
+struct SingleThreadIfSmall {
+  int previous = -1;
+  explicit SingleThreadIfSmall(int64_t macs) {
+    if (macs < kSingleThreadMacs && blas().set_threads_local) {
+      previous = blas().set_threads_local(1);
+    }
+  }
+  ~SingleThreadIfSmall() {
+    if (previous >= 0) blas().set_threads_local(previous);
+  }
+};
 
 struct CpuLayerKernels {
   struct Guard {
@@ -60,6 +98,13 @@ struct CpuLayerKernels {
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
     const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
     const auto st = like.scalar_type();
+    if (st == at::kFloat && M <= kSmallBatch && !ta && K > 0) {
+      cpu::small_gemm_f32(tb, M, N, K, static_cast<const float*>(A), lda,
+                          static_cast<const float*>(B), ldb, static_cast<float>(beta),
+                          static_cast<float*>(C), ldc);
+      return;
+    }
+    const SingleThreadIfSmall threads(M * N * K);
     if (small && st == at::kFloat && blas().sgemm) {
       const float one = 1.f, b = static_cast<float>(beta);
       blas().sgemm(&tra, &trb, &m, &n, &k, &one, static_cast<const float*>(B), &la,
@@ -73,6 +118,41 @@ struct CpuLayerKernels {
       return;
     }
     aten_gemm(like.options(), ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+
+  // A step weight w [K, N]; fp32 weights of batches above kSmallBatch are also packed for MKL
+  // (column-major: w is the left operand, "A", of C^T = w^T-as-stored x A^T).
+  struct Weight {
+    at::Tensor w, packed;
+    int k = 0, n = 0;
+    explicit Weight(const at::Tensor& w_) : w(w_) {
+      if (!w.defined() || w.scalar_type() != at::kFloat || !blas().pack || !blas().compute ||
+          !blas().pack_size || w.numel() == 0 || w.size(0) >= INT_MAX || w.size(1) >= INT_MAX) {
+        return;
+      }
+      k = static_cast<int>(w.size(0));
+      n = static_cast<int>(w.size(1));
+      const int one_row = 1;
+      const size_t bytes = blas().pack_size("A", &n, &one_row, &k);
+      packed = at::empty({static_cast<int64_t>((bytes + 3) / 4)}, w.options());
+      const float alpha = 1.f;
+      blas().pack("A", "N", &n, &one_row, &k, &alpha, w.data_ptr<float>(), &n,
+                  packed.data_ptr<float>());
+    }
+  };
+
+  static void step_gemm(const Weight& w, int64_t M, const void* A, int64_t lda, double beta,
+                        void* C, int64_t ldc) {
+    const int64_t N = w.w.size(1), K = w.w.size(0);
+    if (M > kSmallBatch && w.packed.defined() && M < INT_MAX && lda < INT_MAX && ldc < INT_MAX) {
+      const int m = static_cast<int>(M), la = static_cast<int>(lda), lc = static_cast<int>(ldc);
+      const float b = static_cast<float>(beta);
+      const SingleThreadIfSmall threads(M * N * K);
+      blas().compute("P", "N", &w.n, &m, &w.k, w.packed.data_ptr<float>(), &w.n,
+                     static_cast<const float*>(A), &la, &b, static_cast<float*>(C), &lc);
+      return;
+    }
+    gemm(w.w, false, false, M, N, K, A, lda, w.w.data_ptr(), N, beta, C, ldc);
   }
 
   static constexpr auto lstm_forward_step = &cpu::lstm_layer_forward_step;

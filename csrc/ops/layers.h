@@ -151,15 +151,10 @@ inline char* at_step(const at::Tensor& t, int64_t i) {
   return static_cast<char*>(t.data_ptr()) + i * t.stride(0) * t.element_size();
 }
 
+// K::Weight(w): a step GEMM's weight w [K, N] (row-major, contiguous or undefined), prepared
+// once per op call; K::step_gemm(w, M, A, lda, beta, C, ldc): C[M, N] = A[M, K] w + beta C.
 template <class K>
 struct Layers {
-  // The GEMM of the loops: C[M, N] (+)= op(A) op(B), row-major.
-  static void gemm(const at::Tensor& like, bool ta, bool tb, int64_t M, int64_t N, int64_t Kd,
-                   const void* A, int64_t lda, const void* B, int64_t ldb, double beta, void* C,
-                   int64_t ldc) {
-    K::gemm(like, ta, tb, M, N, Kd, A, lda, B, ldb, beta, C, ldc);
-  }
-
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                     at::Tensor>
   lstm_layer(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
@@ -193,20 +188,21 @@ struct Layers {
     const int64_t first = reverse ? T : 0;
     hs[first].copy_(h0);
     cs[first].copy_(c0);
-    const at::Tensor whh = w_hh.contiguous();
-    const at::Tensor whr = proj ? w_hr->contiguous() : at::Tensor();
+    // W^T copies [P, G], [H, P]: the step GEMMs then stream the weights row by row (axpy
+    // form), which the tiny-batch GEMV needs and BLAS does not mind.
+    const at::Tensor whhT = w_hh.t().contiguous();
+    const at::Tensor whrT = proj ? w_hr->t().contiguous() : at::Tensor();
+    const typename K::Weight whhT_w(whhT), whrT_w(whrT);
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
       const int64_t m = len.rows[t];
-      gemm(input, false, true, m, G, P, at_step(hs, ip), P, whh.data_ptr(), P, 1.0,
-           at_step(gates, t), G);
+      K::step_gemm(whhT_w, m, at_step(hs, ip), P, 1.0, at_step(gates, t), G);
       K::lstm_forward_step(dtype, t, len.ptr(), B, H, at_step(gates, t), at_step(cs, ip),
                            at_step(cs, in), proj ? nullptr : at_step(hs, ip),
                            proj ? at_step(ms, t) : at_step(hs, in),
                            proj ? nullptr : at_step(out, t));
       if (proj) {
-        gemm(input, false, true, m, P, H, at_step(ms, t), H, whr.data_ptr(), H, 0.0,
-             at_step(out, t), P);
+        K::step_gemm(whrT_w, m, at_step(ms, t), H, 0.0, at_step(out, t), P);
         K::select_step(dtype, t, len.ptr(), B, P, at_step(out, t), at_step(hs, ip),
                        at_step(hs, in));
       }
@@ -239,14 +235,14 @@ struct Layers {
     at::Tensor dm = at::empty({proj ? B : 0, H}, opts);
     const at::Tensor whh = w_hh.contiguous();
     const at::Tensor whr = proj ? w_hr->contiguous() : at::Tensor();
+    const typename K::Weight whh_w(whh), whr_w(whr);
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? s : T - 1 - s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
       const int64_t m = len.rows[t];
       const void* g = go.defined() ? at_step(go, t) : nullptr;
       if (proj) {
         K::grad_step(dtype, t, len.ptr(), B, P, dh.data_ptr(), g, at_step(dR, t), dh2.data_ptr());
-        gemm(input, false, false, m, H, P, at_step(dR, t), P, whr.data_ptr(), H, 0.0,
-             dm.data_ptr(), H);
+        K::step_gemm(whr_w, m, at_step(dR, t), P, 0.0, dm.data_ptr(), H);
         K::lstm_backward_step(dtype, t, len.ptr(), B, H, at_step(gates, t), at_step(cs, ip),
                               at_step(cs, in), dm.data_ptr(), nullptr, dc.data_ptr(),
                               at_step(dG, t), nullptr);
@@ -255,8 +251,7 @@ struct Layers {
                               at_step(cs, in), dh.data_ptr(), g, dc.data_ptr(), at_step(dG, t),
                               dh2.data_ptr());
       }
-      gemm(input, false, false, m, P, G, at_step(dG, t), G, whh.data_ptr(), P, 1.0,
-           dh2.data_ptr(), P);
+      K::step_gemm(whh_w, m, at_step(dG, t), G, 1.0, dh2.data_ptr(), P);
       std::swap(dh, dh2);
     }
     const at::Tensor dG2 = dG.view({T * B, G});
@@ -292,11 +287,11 @@ struct Layers {
     at::Tensor ws = at::empty({T, B, 4 * H}, opts);
     at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
     hs[reverse ? T : 0].copy_(h0);
-    const at::Tensor whh = w_hh.contiguous();
+    const at::Tensor whhT = w_hh.t().contiguous();
+    const typename K::Weight whhT_w(whhT);
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
-      gemm(input, false, true, len.rows[t], G, H, at_step(hs, ip), H, whh.data_ptr(), H, 0.0,
-           gh.data_ptr(), G);
+      K::step_gemm(whhT_w, len.rows[t], at_step(hs, ip), H, 0.0, gh.data_ptr(), G);
       K::gru_forward_step(dtype, t, len.ptr(), B, H, at_step(gi, t), gh.data_ptr(), cptr(b_hn),
                           at_step(hs, ip), at_step(ws, t), at_step(hs, in), at_step(out, t));
     }
@@ -318,13 +313,13 @@ struct Layers {
     const at::Tensor go = has(grad_output) ? grad_output->contiguous() : at::Tensor();
     at::Tensor dgi = at::empty({T, B, G}, opts), dgh = at::empty({T, B, G}, opts);
     const at::Tensor whh = w_hh.contiguous();
+    const typename K::Weight whh_w(whh);
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? s : T - 1 - s, ip = reverse ? t + 1 : t;
       K::gru_backward_step(dtype, t, len.ptr(), B, H, at_step(ws, t), at_step(hs, ip),
                            dh.data_ptr(), go.defined() ? at_step(go, t) : nullptr,
                            at_step(dgi, t), at_step(dgh, t), dh2.data_ptr());
-      gemm(input, false, false, len.rows[t], H, G, at_step(dgh, t), G, whh.data_ptr(), H, 1.0,
-           dh2.data_ptr(), H);
+      K::step_gemm(whh_w, len.rows[t], at_step(dgh, t), G, 1.0, dh2.data_ptr(), H);
       std::swap(dh, dh2);
     }
     const at::Tensor dgi2 = dgi.view({T * B, G}), dgh2 = dgh.view({T * B, G});
@@ -347,11 +342,11 @@ struct Layers {
     auto opts = input.options();
     at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
     hs[reverse ? T : 0].copy_(h0);
-    const at::Tensor whh = w_hh.contiguous();
+    const at::Tensor whhT = w_hh.t().contiguous();
+    const typename K::Weight whhT_w(whhT);
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
-      gemm(input, false, true, len.rows[t], H, H, at_step(hs, ip), H, whh.data_ptr(), H, 1.0,
-           at_step(pre, t), H);
+      K::step_gemm(whhT_w, len.rows[t], at_step(hs, ip), H, 1.0, at_step(pre, t), H);
       K::rnn_forward_step(dtype, relu, t, len.ptr(), B, H, at_step(pre, t), at_step(hs, ip),
                           at_step(hs, in), at_step(out, t));
     }
@@ -372,13 +367,13 @@ struct Layers {
     const at::Tensor go = has(grad_output) ? grad_output->contiguous() : at::Tensor();
     at::Tensor dP = at::empty({T, B, H}, opts);
     const at::Tensor whh = w_hh.contiguous();
+    const typename K::Weight whh_w(whh);
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? s : T - 1 - s, in = reverse ? t : t + 1;
       K::rnn_backward_step(dtype, relu, t, len.ptr(), B, H, at_step(hs, in), dh.data_ptr(),
                            go.defined() ? at_step(go, t) : nullptr, at_step(dP, t),
                            dh2.data_ptr());
-      gemm(input, false, false, len.rows[t], H, H, at_step(dP, t), H, whh.data_ptr(), H, 1.0,
-           dh2.data_ptr(), H);
+      K::step_gemm(whh_w, len.rows[t], at_step(dP, t), H, 1.0, dh2.data_ptr(), H);
       std::swap(dh, dh2);
     }
     const at::Tensor dP2 = dP.view({T * B, H});

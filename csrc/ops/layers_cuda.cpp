@@ -29,10 +29,15 @@ struct CudaLayerKernels {
     explicit Guard(const at::Tensor& t) : guard(t.device()) {}
     c10::cuda::CUDAGuard guard;
   };
-  static void gemm(const at::Tensor& like, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
-                   const void* A, int64_t lda, const void* B, int64_t ldb, double beta, void* C,
-                   int64_t ldc) {
-    aten_gemm(like.options(), ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  struct Weight {
+    explicit Weight(const at::Tensor& w) : w(w) {}
+    at::Tensor w;  // [K, N] contiguous or undefined
+  };
+  // cuBLAS through ATen, on the current stream.
+  static void step_gemm(const Weight& w, int64_t M, const void* A, int64_t lda, double beta,
+                        void* C, int64_t ldc) {
+    aten_gemm(w.w.options(), false, false, M, w.w.size(1), w.w.size(0), A, lda, w.w.data_ptr(),
+              w.w.size(1), beta, C, ldc);
   }
   static constexpr OnStream<&cuda::lstm_layer_forward_step> lstm_forward_step{};
   static constexpr OnStream<&cuda::lstm_layer_backward_step> lstm_backward_step{};

@@ -67,6 +67,10 @@ namespace pyseqk {
 
 namespace cpu {
 PYSEQK_LAYER_KERNELS()
+// Row-major C[M, N] = A[M, K] op(B) + beta C for a tiny M (fp32, one thread): op(B) = B^T with
+// B [N, K] when tb, else B [K, N].
+void small_gemm_f32(bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 }  // namespace cpu
 
 namespace cuda {
