@@ -18,4 +18,7 @@ def test_bench_quick_preset(tmp_path):
     data = json.loads(out.read_text())
     text = json.dumps(data)
     assert "lstm_cell" in text
-    assert all(r["check"] == "ok" and r["speedup_min"] > 0 for r in data["results"]), text[:2000]
+    # Only a case with random dropout may go unchecked (its setup checks drop rates instead).
+    for r in data["results"]:
+        assert r["check"] == "ok" or (r["check"] == "unchecked" and r["params"].get("dropout")), r
+        assert r["speedup_min"] > 0, r
