@@ -3,12 +3,20 @@ serialization, distributed, sanitizers) run over. Adding an op or a module to th
 entry here: OPS for functions of pyseqk.functional, MODULES for drop-in pyseqk.nn modules, MODELS
 for small models built from pyseqk layers (DDP/FSDP, torch.export, save/load).
 
-To extend after a merge (sequence layers, SDPA/MultiheadAttention/Transformer, Luong/Bahdanau):
+Listed: the cells, the sequence layers, scaled dot-product attention, Luong/Bahdanau attention and
+positional encoding (OPS); LSTM/GRU/RNN, MultiheadAttention, TransformerEncoderLayer (MODULES:
+modules without a torch.nn twin, PositionalEncoding, Luong/BahdanauAttention, cannot be compared
+with one and are covered through their ops and the attention model). To add one:
   - OPS: an OpCase with the functional entry, PyTorch's own implementation of the same thing
     (same dtype: the accuracy rule's baseline), the reference, the size ranges property tests
     draw from, and a make_args(sizes, dtype, device, bias, gen) factory. arg_names name each
     positional argument as the op's error messages do; aliases add torch's own words for one.
-  - MODULES: (torch class, pyseqk class, constructor kwargs, input factory).
+    Arguments may be flags (is_causal, reverse), masks and int64 lengths (kept on the CPU, where
+    torch keeps them); "sizes" of range (0, 1) act as switches (a mask or lengths in some draws).
+    no_mutate lists mutations that are legal for an argument (a broadcastable mask gaining a
+    dim, a free sequence length), big_sizes the sizes at which the thread tests' kernels fork.
+  - MODULES: (torch class, pyseqk class, constructor kwargs, input factory); the factory's second
+    forward argument, if any (a state, or an attention's key), gets the "hx" bad-input cases.
   - MODELS: a factory of a small torch.nn.Module built on pyseqk layers and its input factory.
 """
 from __future__ import annotations
@@ -153,7 +161,7 @@ def _layer_fn(fn, pre=(), post=()):
 
 _LAYER_DIMS = {"T": (0, 5), "B": (0, 4), "I": (0, 9), "H": (0, 12), "lengths": (0, 1),
                "reverse": (0, 1)}
-_LAYER_SIZES = {"T": 4, "B": 3, "I": 5, "H": 6, "lengths": 1, "reverse": 0}
+_LAYER_SIZES = {"T": 3, "B": 3, "I": 5, "H": 6, "lengths": 1, "reverse": 0}  # T: the interpreter runs each step
 _LAYER_BIG = {"T": 3, "B": 64, "I": 48, "H": 72, "lengths": 1, "reverse": 1}
 _LAYER_ALIASES = {"h0": ("hx",), "c0": ("hx", "cx")}
 _layer_work = lambda s: max(s["B"], 1) * s["H"] * max(s["T"], 1)  # noqa: E731
