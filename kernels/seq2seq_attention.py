@@ -56,6 +56,8 @@ def _seq2seq_fwd_kernel(q_ptr, k_ptr, v_ptr, values_ptr, mask_ptr, context_ptr, 
     neg_inf = float("-inf")
     # Pass 1: raw scores (masked keys at -inf) to the scratch row, and their maximum.
     m = tl.full([], neg_inf, acc_ty)
+    n_valid = tl.zeros([], tl.int32)  # keys not masked: none means an empty row (zero weights)
+    n_nan = tl.zeros([], tl.int32)    # NaN scores: tl.max need not propagate them
     for k0 in range(0, Tk, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         kmask = offs_k < Tk
@@ -68,8 +70,12 @@ def _seq2seq_fwd_kernel(q_ptr, k_ptr, v_ptr, values_ptr, mask_ptr, context_ptr, 
         s = tl.where(valid, s, neg_inf)
         tl.store(s_row + offs_k, s, mask=kmask)
         m = tl.maximum(m, tl.max(s, axis=0))
-    # A row with no key left: m = -inf; shifting by 0 and scaling by 0 gives zero weights.
-    empty = m == neg_inf
+        n_valid += tl.sum(valid.to(tl.int32), axis=0)
+        n_nan += tl.sum((valid & (s != s)).to(tl.int32), axis=0)
+    # A row with no key left: shifting by 0 and scaling by 0 gives zero weights. A NaN score, or
+    # keys whose scores are all -inf (infinite inputs), make the row NaN, as torch's softmax.
+    empty = n_valid == 0
+    m = tl.where((n_nan > 0) | ((m == neg_inf) & ~empty), float("nan"), m)
     m = tl.where(empty, 0.0, m).to(acc_ty)
     total = tl.zeros([], acc_ty)
     for k0 in range(0, Tk, BLOCK_K):
@@ -82,6 +88,9 @@ def _seq2seq_fwd_kernel(q_ptr, k_ptr, v_ptr, values_ptr, mask_ptr, context_ptr, 
         offs_k = k0 + tl.arange(0, BLOCK_K)
         kmask = offs_k < Tk
         w = tl.exp(tl.load(s_row + offs_k, mask=kmask, other=neg_inf) - m) * inv
+        if HAS_MASK:  # masked keys weigh exactly 0, even in a NaN row
+            pad = tl.load(mask_ptr + b * Tk + offs_k, mask=kmask, other=1)
+            w = tl.where(pad == 0, w, 0.0)
         tl.store(s_row + offs_k, w, mask=kmask)
         tl.store(w_row + offs_k, w.to(weights_ptr.dtype.element_ty), mask=kmask)
     # Context from the full-precision weights.

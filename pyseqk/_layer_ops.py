@@ -14,9 +14,19 @@ def _e(*shape, like):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels.
+# Fake kernels. Each first checks devices: a call mixing a meta tensor with real ones comes here
+# and must raise as the real kernels do. lengths may also be on the CPU (as torch keeps them).
+
+
+def _devices(input, lengths=None, **named):
+    _ops._one_device(input, **named)
+    if lengths is not None and lengths.device.type != "cpu" and lengths.device != input.device:
+        raise RuntimeError(f"pyseqk: lengths is on {lengths.device} but input is on "
+                           f"{input.device}; expected lengths on the CPU or on the input's device")
+
 
 def _fake_lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    _devices(input, lengths, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     T, B = input.shape[0], input.shape[1]
     H = w_ih.shape[0] // 4
     P = w_hr.shape[0] if w_hr is not None else H
@@ -27,6 +37,8 @@ def _fake_lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, rever
 
 def _fake_lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, lengths,
                               reverse, gates, hs, cs, ms):
+    _devices(input, lengths, grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n,
+             w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, gates=gates, hs=hs, cs=cs, ms=ms)
     B, H, P = input.shape[1], cs.shape[2], hs.shape[2]
     return (torch.empty_like(input), _e(B, P, like=input), _e(B, H, like=input),
             torch.empty_like(w_ih), torch.empty_like(w_hh), _e(4 * H, like=input),
@@ -34,23 +46,29 @@ def _fake_lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh
 
 
 def _fake_gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    _devices(input, lengths, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     T, B, H = input.shape[0], input.shape[1], w_ih.shape[0] // 3
     return (_e(T, B, H, like=input), _e(B, H, like=input), _e(T, B, 4 * H, like=input),
             _e(T + 1, B, H, like=input))
 
 
 def _fake_gru_layer_backward(grad_output, grad_h_n, input, w_ih, w_hh, lengths, reverse, gates, hs):
+    _devices(input, lengths, grad_output=grad_output, grad_h_n=grad_h_n, w_ih=w_ih, w_hh=w_hh,
+             gates=gates, hs=hs)
     B, H = input.shape[1], hs.shape[2]
     return (torch.empty_like(input), _e(B, H, like=input), torch.empty_like(w_ih),
             torch.empty_like(w_hh), _e(3 * H, like=input), _e(3 * H, like=input))
 
 
 def _fake_rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, relu, lengths, reverse):
+    _devices(input, lengths, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     T, B, H = input.shape[0], input.shape[1], w_ih.shape[0]
     return _e(T, B, H, like=input), _e(B, H, like=input), _e(T + 1, B, H, like=input)
 
 
 def _fake_rnn_layer_backward(grad_output, grad_h_n, input, w_ih, w_hh, relu, lengths, reverse, hs):
+    _devices(input, lengths, grad_output=grad_output, grad_h_n=grad_h_n, w_ih=w_ih, w_hh=w_hh,
+             hs=hs)
     B, H = input.shape[1], hs.shape[2]
     return (torch.empty_like(input), _e(B, H, like=input), torch.empty_like(w_ih),
             torch.empty_like(w_hh), _e(H, like=input))

@@ -17,14 +17,14 @@ def _empty(*shape, like):
     return like.new_empty(shape)
 
 
-def _one_device(input, **named):
+def _one_device(input, _input_name="input", **named):
     """The dispatcher sends a call that mixes a meta tensor with real ones to the fake (Meta)
     kernel, which would hand back uninitialised tensors on input's device: raise like the real
     kernels do instead."""
     for name, t in named.items():
         if t is not None and t.device != input.device:
-            raise RuntimeError(f"pyseqk: {name} is on {t.device} but input is on {input.device}; "
-                               "expected all tensors on one device")
+            raise RuntimeError(f"pyseqk: {name} is on {t.device} but {_input_name} is on "
+                               f"{input.device}; expected all tensors on one device")
 
 
 # ---------------------------------------------------------------------------------------------

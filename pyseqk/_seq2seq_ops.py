@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from ._ops import _one_device  # a meta tensor among real ones reaches the fakes: raise
 
 NATIVE = backends.native_status()[0]
 
@@ -18,18 +19,24 @@ def _fake_forward(q, k, *rest):
 
 
 def _fake_luong(query, keys, values, key_padding_mask):
+    _one_device(query, "query", keys=keys, values=values, key_padding_mask=key_padding_mask)
     return _fake_forward(query, keys, values, key_padding_mask)
 
 
 def _fake_bahdanau(wq, uk, v, values, key_padding_mask):
+    _one_device(wq, "wq", uk=uk, v=v, values=values, key_padding_mask=key_padding_mask)
     return _fake_forward(wq, uk, v, values, key_padding_mask)
 
 
 def _fake_luong_backward(grad_context, grad_weights, query, keys, values, weights):
+    _one_device(query, "query", grad_context=grad_context, grad_weights=grad_weights, keys=keys,
+                values=values, weights=weights)
     return torch.empty_like(query), torch.empty_like(keys), torch.empty_like(values)
 
 
 def _fake_bahdanau_backward(grad_context, grad_weights, wq, uk, v, values, weights):
+    _one_device(wq, "wq", grad_context=grad_context, grad_weights=grad_weights, uk=uk, v=v,
+                values=values, weights=weights)
     return torch.empty_like(wq), torch.empty_like(uk), torch.empty_like(v), torch.empty_like(values)
 
 

@@ -154,7 +154,7 @@ def check_layer(input, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, c0=None, w_hr
         raise RuntimeError(f"pyseqk: input has inconsistent input_size: got {input.shape[2]}, "
                            f"expected {w_ih.shape[1]} (w_ih.shape[1])")
     if list(h0.shape) != [B, P]:
-        raise RuntimeError(f"pyseqk: h0 must have shape [{B}, {P}] (batch, hidden_size), "
+        raise RuntimeError(f"pyseqk: h0 must have shape [{B}, {P}] (input's batch, hidden_size), "
                            f"got {list(h0.shape)}")
     for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
         if b is not None and list(b.shape) != [gates * H]:
@@ -163,7 +163,7 @@ def check_layer(input, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, c0=None, w_hr
         raise RuntimeError(f"pyseqk: w_hr must have shape [{P}, {H}] (proj_size, hidden_size), "
                            f"got {list(w_hr.shape)}")
     if c0 is not None and list(c0.shape) != [B, H]:
-        raise RuntimeError(f"pyseqk: c0 must have shape [{B}, {H}] (batch, hidden_size), "
+        raise RuntimeError(f"pyseqk: c0 must have shape [{B}, {H}] (input's batch, hidden_size), "
                            f"got {list(c0.shape)}")
     if lengths is not None:
         if lengths.dtype != torch.int64:

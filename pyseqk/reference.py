@@ -112,7 +112,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
-    scores = (query @ key.transpose(-2, -1)) * scale
+    # Both sides scaled by sqrt(scale) before the product, as torch's math backend does: in
+    # float16 the unscaled product overflows to inf (then NaN) where torch's result is finite.
+    root = math.sqrt(scale) if scale >= 0 else None
+    if root is not None:
+        scores = (query * root) @ (key * root).transpose(-2, -1)
+    else:
+        scores = (query @ key.transpose(-2, -1)) * scale
     if is_causal:
         keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))

@@ -21,12 +21,28 @@ EXAMPLES = {"cpu": 30, "reference": 12, "triton": 8}  # per op
 
 def run_with_grads(fn, args, seed):
     """Outputs, and gradients of every tensor argument for a fixed random output gradient."""
-    args = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    args = [a.detach().clone().requires_grad_() if is_float(a) else a for a in args]
     outs = outputs(fn(*args))
     g = torch.Generator().manual_seed(seed)
     grads_out = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outs]
-    torch.autograd.backward(outs, grads_out)
-    return [o.detach() for o in outs], [a.grad if a is not None else None for a in args]
+    # an output that depends on no input (a layer's empty output over T = 0) takes no gradient
+    pairs = [(o, go) for o, go in zip(outs, grads_out) if o.requires_grad]
+    if pairs:
+        torch.autograd.backward(*zip(*pairs))
+    # an input that no output depends on (a layer's weights over T = 0) has a zero gradient,
+    # whether autograd left it None (the reference) or a kernel wrote zeros
+    return [o.detach() for o in outs], [(a.grad if a.grad is not None else torch.zeros_like(a))
+                                        if is_float(a) else None for a in args]
+
+
+def is_float(a):
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
+
+
+def to_reference(args):
+    """The oracle's arguments: floating-point tensors in float64; masks, lengths and flags as
+    they are."""
+    return [a.double() if is_float(a) else a for a in args]
 
 
 def sizes_strategy(op, backend):
@@ -45,7 +61,7 @@ def check_op(op, backend, sizes, dtype, bias, seed):
     args = op.make_args(sizes, dtype, "cpu", bias, gen)
     with pyseqk.use_backend(backend):
         ours, our_grads = run_with_grads(op.fn, args, seed)
-    ref, ref_grads = run_with_grads(op.reference, [a.double() if a is not None else None for a in args], seed)
+    ref, ref_grads = run_with_grads(op.reference, to_reference(args), seed)
     theirs, their_grads = run_with_grads(op.torch_fn, args, seed)
     assert len(ours) == len(ref)
     what = f"{op.name}[{backend}] {sizes} {dtype} bias={bias}"

@@ -12,7 +12,7 @@ reductions are cuBLAS/ATen calls that torch itself makes deterministic under the
 GPU paths are deterministic; test_gpu_deterministic checks that where a GPU exists. An op added
 later whose GPU path uses atomics must raise under the flag
 (torch.utils.deterministic / at::globalContext().alertNotDeterministic) and be listed in
-NONDETERMINISTIC_GPU below.
+NONDETERMINISTIC_GPU below: the CUDA Bahdanau backward (atomicAdd into dv) is the one so far.
 
 Backend overrides (pyseqk.use_backend) are a process-wide stack, not per thread: the threads
 here run under one override taken in the main thread."""
@@ -25,21 +25,27 @@ import pyseqk
 
 from _tables import MODULES, OPS, outputs
 
-NONDETERMINISTIC_GPU: set = set()  # op names whose CUDA/Triton path is not deterministic
+# "op[backend]" of GPU paths that are not deterministic (and raise under the flag)
+NONDETERMINISTIC_GPU = {"bahdanau_attention[cuda]"}
 THREADS = 4
-# Large enough that each call's pointwise kernel forks (at::parallel_for grain: 256 lane groups).
-BIG = {"B": 64, "I": 48, "H": 72}
+# Each op's sizes large enough that its kernels fork (at::parallel_for): op.big_sizes.
+GPU_CELL_SIZES = {"B": 256, "I": 256, "H": 512}
 # Backends run from several threads: the Triton interpreter is exercised single-threaded only.
 THREAD_BACKENDS = ["cpu", "reference"]
 
 
 def forward_backward(op, args, seed):
     """Outputs and all gradients, for a fixed output gradient."""
-    args = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    args = [a.detach().clone().requires_grad_() if is_float(a) else a for a in args]
     outs = outputs(op.fn(*args))
     g = torch.Generator().manual_seed(seed)
-    torch.autograd.backward(outs, [torch.randn(o.shape, generator=g).to(o) for o in outs])
-    return [o.detach() for o in outs] + [a.grad for a in args if a is not None]
+    pairs = [(o, torch.randn(o.shape, generator=g).to(o)) for o in outs]
+    torch.autograd.backward(*zip(*[p for p in pairs if p[0].requires_grad]))
+    return [o.detach() for o in outs] + [a.grad for a in args if is_float(a)]
+
+
+def is_float(a):
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
 
 
 def bits(t):
@@ -53,7 +59,7 @@ def same_bits(a, b):
 
 
 def inputs(op, k, sizes=None, dtype=torch.float32):
-    return op.make_args(sizes or BIG, dtype, "cpu", True, torch.Generator().manual_seed(100 + k))
+    return op.make_args(sizes or op.big_sizes, dtype, "cpu", True, torch.Generator().manual_seed(100 + k))
 
 
 def run_threads(work):
@@ -100,8 +106,7 @@ def test_module_threads_match_serial(case):
 
     def run(k, modules):
         m = modules[k]
-        x, hx = case.make_input(m, 33, gen=torch.Generator().manual_seed(k))
-        out = outputs(m(x, hx))
+        out = outputs(m(*case.make_input(m, 33, gen=torch.Generator().manual_seed(k))))
         sum((o * (i + 1)).sum() for i, o in enumerate(out)).backward()
         return [o.detach() for o in out] + [p.grad for p in m.parameters()]
 
@@ -135,7 +140,7 @@ def cpu_backends_all():
 @pytest.mark.parametrize("backend", cpu_backends_all())
 @pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
 def test_run_to_run_bitwise(op, backend):
-    sizes = BIG if backend != "triton" else op.default_sizes
+    sizes = op.big_sizes if backend != "triton" else op.default_sizes
     for dtype in (torch.float32, torch.bfloat16):
         args = inputs(op, 0, sizes, dtype)
         with pyseqk.use_backend(backend):
@@ -147,7 +152,7 @@ def test_run_to_run_bitwise(op, backend):
 @pytest.mark.parametrize("backend", cpu_backends_all())
 @pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
 def test_deterministic_algorithms_flag(op, backend):
-    sizes = BIG if backend != "triton" else op.default_sizes
+    sizes = op.big_sizes if backend != "triton" else op.default_sizes
     args = inputs(op, 0, sizes)
     with pyseqk.use_backend(backend):
         free = forward_backward(op, args, 0)
@@ -165,12 +170,14 @@ def test_deterministic_algorithms_flag(op, backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
 def test_gpu_deterministic(op, backend):
-    args = [a.cuda() if a is not None else None for a in inputs(op, 0, {"B": 256, "I": 256, "H": 512})]
+    sizes = GPU_CELL_SIZES if set(op.dims) == set(GPU_CELL_SIZES) else op.big_sizes
+    args = [a.cuda() if isinstance(a, torch.Tensor) and a.dtype != torch.int64 else a
+            for a in inputs(op, 0, sizes)]
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         with pyseqk.use_backend(backend):
-            if op.name in NONDETERMINISTIC_GPU:
+            if f"{op.name}[{backend}]" in NONDETERMINISTIC_GPU:
                 with pytest.raises(RuntimeError, match="deterministic"):
                     forward_backward(op, args, 0)
                 return

@@ -118,7 +118,9 @@ inline T row_max(const T* x, int64_t n) {
     m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); },
                                    vm);
   }
-  for (; j < n; ++j) m = std::max(m, x[j]);
+  // NaN propagates, as in at::vec::maximum: std::max would drop it, and a row of NaN scores
+  // would pass for an empty row (zeros) instead of giving NaN as torch does.
+  for (; j < n; ++j) m = (x[j] != x[j] || x[j] > m) ? x[j] : m;
   return m;
 }
 
@@ -233,7 +235,8 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
           const int64_t i = i0 + r;
           T* x = scores.data() + r * kBlockK;
           mask_row<T>(a, mask_bh, i, j0, nk, x);
-          const T m_new = std::max(m[r], row_max(x, nk));
+          const T rm = row_max(x, nk);
+          const T m_new = rm != rm ? rm : std::max(m[r], rm);  // a NaN max stays NaN
           if (m_new == ninf) {  // nothing to attend in this row so far
             std::fill(x, x + nk, T(0));
             continue;
@@ -263,7 +266,7 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
       T* O = out + (bh * L + i0) * Ev;
       T* lse_row = lse + bh * L + i0;
       for (int64_t r = 0; r < mq; ++r) {
-        if (l[r] > T(0)) {
+        if (l[r] != T(0)) {  // NaN too: a NaN score makes the row NaN, not empty
           const T inv = (dropout ? keep_scale : T(1)) / l[r];
           at::vec::map([inv](Vec<T> x) { return x * Vec<T>(inv); }, O + r * Ev,
                        acc.data() + r * Ev, Ev);

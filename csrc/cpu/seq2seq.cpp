@@ -107,9 +107,20 @@ template <class A>
 inline void masked_softmax_row(A* s, const bool* mask, int64_t Tk) {
   using V = at::vec::Vectorized<A>;
   A mx = -std::numeric_limits<A>::infinity();
-  for (int64_t j = 0; j < Tk; ++j)
-    if (!(mask && mask[j])) mx = std::max(mx, s[j]);
-  if (mx == -std::numeric_limits<A>::infinity()) {  // every key masked, or Tk = 0
+  bool any = false;
+  for (int64_t j = 0; j < Tk; ++j) {
+    if (mask && mask[j]) continue;
+    any = true;
+    if (s[j] != s[j] || s[j] > mx) mx = s[j];  // NaN sticks
+  }
+  // A NaN score, or keys whose scores are all -inf (from infinite inputs; not a masked row):
+  // the softmax is NaN, as torch's and the reference's (masked keys keep their 0).
+  if (any && (mx != mx || mx == -std::numeric_limits<A>::infinity())) {
+    for (int64_t j = 0; j < Tk; ++j)
+      s[j] = (mask && mask[j]) ? A(0) : std::numeric_limits<A>::quiet_NaN();
+    return;
+  }
+  if (!any) {  // every key masked, or Tk = 0
     std::fill(s, s + Tk, A(0));
     return;
   }

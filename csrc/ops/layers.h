@@ -117,7 +117,7 @@ inline int64_t check_layer(const at::Tensor& input, const at::Tensor& h0, const 
   TORCH_CHECK(input.size(2) == w_ih.size(1), "pyseqk: input has inconsistent input_size: got ",
               input.size(2), ", expected ", w_ih.size(1), " (w_ih.shape[1])");
   TORCH_CHECK(h0.size(0) == input.size(1) && h0.size(1) == P, "pyseqk: h0 must have shape [",
-              input.size(1), ", ", P, "] (batch, hidden_size), got ", h0.sizes());
+              input.size(1), ", ", P, "] (input's batch, hidden_size), got ", h0.sizes());
   for (const auto* b : {&b_ih, &b_hh}) {
     if (!has(*b)) continue;
     const char* name = b == &b_ih ? "b_ih" : "b_hh";
@@ -176,7 +176,7 @@ struct Layers {
     check_same(input, "input", c0, "c0");
     const int64_t T = input.size(0), B = input.size(1), G = 4 * H;
     TORCH_CHECK(c0.dim() == 2 && c0.size(0) == B && c0.size(1) == H,
-                "pyseqk: c0 must have shape [", B, ", ", H, "] (batch, hidden_size), got ",
+                "pyseqk: c0 must have shape [", B, ", ", H, "] (input's batch, hidden_size), got ",
                 c0.sizes());
     const DType dtype = to_dtype(input, "input");
     typename K::Guard guard(input);

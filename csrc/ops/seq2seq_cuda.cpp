@@ -3,6 +3,7 @@
 // guard, every launch checked. Compiled only into the CUDA build.
 #ifdef PYSEQK_WITH_CUDA
 
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,6 +23,17 @@ struct OnStream {
   }
 };
 
+// The Bahdanau backward sums dv over query rows with atomicAdd: the order, and so the last bits,
+// vary run to run, which torch.use_deterministic_algorithms(True) must hear about.
+struct BahdanauBackwardOnStream {
+  template <class... Args>
+  void operator()(Args... args) const {
+    at::globalContext().alertNotDeterministic(
+        "pyseqk::bahdanau_attention_backward (CUDA; dv is summed with atomicAdd)");
+    OnStream<&cuda::bahdanau_attention_backward>{}(args...);
+  }
+};
+
 struct CudaSeq2seqKernels {
   struct Guard {
     explicit Guard(const at::Tensor& t) : guard(t.device()) {}
@@ -31,7 +43,7 @@ struct CudaSeq2seqKernels {
   static constexpr int64_t kMaxRows = 2147483647;  // CUDA grid dimension x
   static constexpr OnStream<&cuda::luong_attention_forward> luong_attention_forward{};
   static constexpr OnStream<&cuda::bahdanau_attention_forward> bahdanau_attention_forward{};
-  static constexpr OnStream<&cuda::bahdanau_attention_backward> bahdanau_attention_backward{};
+  static constexpr BahdanauBackwardOnStream bahdanau_attention_backward{};
 };
 
 }  // namespace
