@@ -486,12 +486,24 @@ def _guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _result(like, *shape):
+    """An output buffer. The interpreter converts fp32 to bf16 by truncation where a GPU rounds
+    to nearest (twice the rounding error), so under it bf16 results are written in fp32 and
+    rounded by torch (_rounded)."""
+    dtype = torch.float32 if _interpreting() and like.dtype == torch.bfloat16 else like.dtype
+    return like.new_empty(shape, dtype=dtype)
+
+
+def _rounded(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _forward_into(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, lse):
     B, Hq, L, E = query.shape
     Hk, S, Ev = key.shape[1], key.shape[2], value.shape[3]
-    out = query.new_empty(B, Hq, L, Ev)
+    out = _result(query, B, Hq, L, Ev)
     if B * Hq * L == 0:
-        return out, lse
+        return _rounded(out, query.dtype), lse
     seed32, threshold, drop_scale = _dropout_args(dropout_p, seed)
     d = head_block(E)
     with _guard(query):
@@ -501,7 +513,7 @@ def _forward_into(query, key, value, attn_mask, dropout_p, is_causal, scale, see
                 *out.stride(), Hq, Hq // Hk, L, S, E, Ev, scale * LOG2E.value, seed32, threshold,
                 drop_scale, BLOCK_D=d, BLOCK_DV=head_block(Ev),
                 **_modes(query, attn_mask, dropout_p, is_causal))
-    return out, lse
+    return _rounded(out, query.dtype), lse
 
 
 def sdpa_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
@@ -516,11 +528,9 @@ def sdpa_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, i
     """Returns (grad_query, grad_key, grad_value), each like its input. Deterministic."""
     B, Hq, Hk, L, S, E, Ev = check_args(query, key, value, attn_mask, dropout_p, scale,
                                         grad_out=grad_out, out=out, lse=lse)
-    dq = torch.empty_like(query, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(key, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(value, memory_format=torch.contiguous_format)
+    dq, dk, dv = (_result(t, *t.shape) for t in (query, key, value))
     if L == 0 or S == 0 or B * Hq == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return tuple(_rounded(t.zero_(), query.dtype) for t in (dq, dk, dv))
     lse = lse.contiguous()
     fp64 = query.dtype == torch.float64
     if fp64:
@@ -551,4 +561,4 @@ def sdpa_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, i
                 query, key, value, mask, grad_out, lse, delta, dq, *common, *dq.stride(),
                 Hq, Hq // Hk, L, S, E, Ev, scale * LOG2E.value, scale, seed32, threshold, drop_scale,
                 BLOCK_D=d, BLOCK_DV=dvb, **modes)
-    return dq, dk, dv
+    return tuple(_rounded(t, query.dtype) for t in (dq, dk, dv))
