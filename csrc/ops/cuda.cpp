@@ -40,10 +40,6 @@ struct CudaKernels {
                                 int64_t, void*, int64_t, int64_t, int64_t) {
     return false;
   }
-  static bool packed_gates(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&) {
-    return false;
-  }
 };
 
 }  // namespace
