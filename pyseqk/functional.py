@@ -3,6 +3,8 @@ op of that backend: torch.ops.pyseqk.<op> (cpu, cuda), torch.ops.pyseqk.triton_<
 or pyseqk.reference (reference)."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -11,22 +13,24 @@ from . import _layer_ops  # noqa: F401  (the layer ops' fake kernels and autogra
 from . import backends, reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_triton_loaded = False
+_triton_modules_loaded: set[str] = set()
 
 
-def _triton_ops():
-    global _triton_loaded
-    if not _triton_loaded:
-        from . import _triton_ops  # noqa: F401  (defines torch.ops.pyseqk.triton_*)
-
-        _triton_loaded = True
-    return torch.ops.pyseqk
-
-
-def _op(backend: str, name: str):
-    if backend == "triton":
-        return getattr(_triton_ops(), "triton_" + name)
-    return getattr(torch.ops.pyseqk, name)
+def _op(backend: str, name: str, triton_module: str = "_triton_ops"):
+    """torch.ops.pyseqk.<name>, or for backend "triton" its twin torch.ops.pyseqk.triton_<name>,
+    defined by the family's module pyseqk.<triton_module>: imported on first use, because
+    importing Triton costs seconds that users of the other backends should not pay."""
+    if backend != "triton":
+        return getattr(torch.ops.pyseqk, name)
+    if triton_module not in _triton_modules_loaded:
+        try:
+            importlib.import_module(f".{triton_module}", __package__)
+        except ImportError as e:
+            raise backends.BackendError(
+                f"backend 'triton' has no {name} in this build: pyseqk.{triton_module} could not "
+                f"be imported ({e})") from e
+        _triton_modules_loaded.add(triton_module)
+    return getattr(torch.ops.pyseqk, "triton_" + name)
 
 
 def check_cell(input, hx, w_ih, w_hh, b_ih, b_hh, gates, cx=None):
@@ -192,7 +196,8 @@ def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
         if backend == "reference":
             return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                         reverse)
-    out, h, c = _layer_op(backend, "lstm_layer")(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+    op = _op(backend, "lstm_layer", "_triton_layer_ops")
+    out, h, c = op(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                                                  lengths, reverse)[:3]
     return out, h, c
 
@@ -206,7 +211,8 @@ def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tenso
         check_layer(input, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths)
         if backend == "reference":
             return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-    out, h = _layer_op(backend, "gru_layer")(input, h0, w_ih, w_hh, b_ih, b_hh, lengths,
+    op = _op(backend, "gru_layer", "_triton_layer_ops")
+    out, h = op(input, h0, w_ih, w_hh, b_ih, b_hh, lengths,
                                              reverse)[:2]
     return out, h
 
@@ -223,21 +229,10 @@ def rnn_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tenso
         if backend == "reference":
             return reference.rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, lengths,
                                        reverse)
-    out, h = _layer_op(backend, "rnn_layer")(input, h0, w_ih, w_hh, b_ih, b_hh,
+    op = _op(backend, "rnn_layer", "_triton_layer_ops")
+    out, h = op(input, h0, w_ih, w_hh, b_ih, b_hh,
                                              nonlinearity == "relu", lengths, reverse)[:2]
     return out, h
-
-
-_triton_layers_loaded = False
-
-
-def _layer_op(backend: str, name: str):
-    global _triton_layers_loaded
-    if backend == "triton" and not _triton_layers_loaded:
-        from . import _triton_layer_ops  # noqa: F401  (defines torch.ops.pyseqk.triton_*_layer)
-
-        _triton_layers_loaded = True
-    return _op(backend, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,22 +240,6 @@ def _layer_op(backend: str, name: str):
 # fake kernel and autograd, pyseqk/_triton_sdpa_ops.py its Triton twin triton_sdpa).
 
 from . import _sdpa_ops  # noqa: E402,F401  (fake kernel and autograd of torch.ops.pyseqk.sdpa)
-
-_triton_sdpa_loaded = False
-
-
-def _triton_sdpa():
-    global _triton_sdpa_loaded
-    if not _triton_sdpa_loaded:
-        try:
-            from . import _triton_sdpa_ops  # noqa: F401  (defines torch.ops.pyseqk.triton_sdpa)
-        except ImportError as e:
-            raise backends.BackendError(
-                f"backend 'triton' has no scaled_dot_product_attention in this build: "
-                f"pyseqk._triton_sdpa_ops could not be imported ({e})") from e
-        _triton_sdpa_loaded = True
-    return torch.ops.pyseqk.triton_sdpa
-
 
 def _heads(t: Tensor) -> int:
     return t.shape[-3] if t.dim() >= 3 else 1
@@ -373,7 +352,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     k = key.reshape(B, Hk, S, E)
     v = value.reshape(B, Hk, S, Ev)
     mask = None if attn_mask is None else _mask_4d(attn_mask, batch, B, Hq, L, S)
-    op = _triton_sdpa() if backend == "triton" else torch.ops.pyseqk.sdpa
+    op = _op(backend, "sdpa", "_triton_sdpa_ops")
     out, _ = op(q, k, v, mask, float(dropout_p), bool(is_causal), scale, seed)
     return out.reshape(query.shape[:-1] + (Ev,))
 
@@ -386,18 +365,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 # Positional encoding.
 
 from . import _posenc_ops  # noqa: E402,F401  (fake kernels and autograd of the posenc ops)
-
-_triton_posenc_loaded = False
-
-
-def _posenc_op(backend: str, name: str):
-    global _triton_posenc_loaded
-    if backend == "triton" and not _triton_posenc_loaded:
-        from . import _triton_posenc_ops  # noqa: F401  (defines torch.ops.pyseqk.triton_positional_encoding)
-
-        _triton_posenc_loaded = True
-    return _op(backend, name)
-
 
 def check_positional_encoding(input: Tensor, dropout_p: float) -> None:
     if not isinstance(input, Tensor):
@@ -427,27 +394,13 @@ def positional_encoding(input: Tensor, dropout_p: float = 0.0, training: bool = 
     backend = backends.resolve(input.device)
     if backend == "reference":
         return reference.positional_encoding(input, p, seed, batch_first)
-    return _posenc_op(backend, "positional_encoding")(input, p, seed, batch_first)
+    return _op(backend, "positional_encoding", "_triton_posenc_ops")(input, p, seed, batch_first)
 
 # seq2seq attention (Luong, Bahdanau): ops in csrc/ops/seq2seq.cpp, autograd in _seq2seq_ops.py.
 # key_padding_mask: bool [B, Tk], True = padding. A query row whose keys are all padding gets
 # zero weights and a zero context (and passes no gradient), not a softmax's NaN.
 
 from . import _seq2seq_ops  # noqa: E402,F401  (registers fake kernels and autograd)
-
-_triton_seq2seq_loaded = False
-
-
-def _seq2seq_op(backend: str, name: str):
-    global _triton_seq2seq_loaded
-    if backend == "triton":
-        if not _triton_seq2seq_loaded:
-            from . import _triton_seq2seq_ops  # noqa: F401  (defines torch.ops.pyseqk.triton_*)
-
-            _triton_seq2seq_loaded = True
-        return getattr(torch.ops.pyseqk, "triton_" + name)
-    return getattr(torch.ops.pyseqk, name)
-
 
 def _shape(t):
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
@@ -510,7 +463,8 @@ def luong_attention(query: Tensor, keys: Tensor, values: Tensor | None = None,
         check_seq2seq(query, "query", keys, "keys", values, key_padding_mask)
         if backend == "reference":
             return reference.luong_attention(query, keys, values, key_padding_mask)
-    return tuple(_seq2seq_op(backend, "luong_attention")(query, keys, values, key_padding_mask))
+    op = _op(backend, "luong_attention", "_triton_seq2seq_ops")
+    return tuple(op(query, keys, values, key_padding_mask))
 
 
 def bahdanau_attention(wq: Tensor, uk: Tensor, v: Tensor, values: Tensor,
@@ -527,4 +481,5 @@ def bahdanau_attention(wq: Tensor, uk: Tensor, v: Tensor, values: Tensor,
         check_seq2seq(wq, "wq", uk, "uk", values, key_padding_mask, v)
         if backend == "reference":
             return reference.bahdanau_attention(wq, uk, v, values, key_padding_mask)
-    return tuple(_seq2seq_op(backend, "bahdanau_attention")(wq, uk, v, values, key_padding_mask))
+    op = _op(backend, "bahdanau_attention", "_triton_seq2seq_ops")
+    return tuple(op(wq, uk, v, values, key_padding_mask))

@@ -269,7 +269,7 @@ def native_prefixes():
 @pytest.mark.parametrize("prefix", native_prefixes())
 def test_layer_opcheck(prefix, kind):
     if prefix == "triton_":
-        F._layer_op("triton", "lstm_layer")  # defines the triton ops
+        F._op("triton", "lstm_layer", "_triton_layer_ops")  # defines the triton ops
     name, args = op_args(kind)
     op = getattr(torch.ops.pyseqk, prefix + name)
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a

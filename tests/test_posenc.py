@@ -138,7 +138,7 @@ def test_keep_mask_hash_matches_the_spec():
 def _op_args(backend):
     x = torch.randn(5, 2, 7, dtype=torch.float64, requires_grad=True)
     if backend == "triton":
-        F._posenc_op("triton", "positional_encoding")
+        F._op("triton", "positional_encoding", "_triton_posenc_ops")
         return torch.ops.pyseqk.triton_positional_encoding, torch.ops.pyseqk.triton_positional_encoding_backward, x
     return torch.ops.pyseqk.positional_encoding, torch.ops.pyseqk.positional_encoding_backward, x
 
