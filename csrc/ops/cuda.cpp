@@ -6,22 +6,14 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "ops/cuda_launch.h"
+
 #include "ops/cells.h"
 #include "pyseqk/cell_kernels.h"
 
 namespace pyseqk {
 namespace ops {
 namespace {
-
-// Binds a CUDA launcher to the current stream of the current device.
-template <auto Launcher>
-struct OnStream {
-  template <class... Args>
-  void operator()(Args... args) const {
-    Launcher(args..., at::cuda::getCurrentCUDAStream().stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 struct CudaKernels {
   struct Guard {

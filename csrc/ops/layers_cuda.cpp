@@ -8,21 +8,14 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "ops/cuda_launch.h"
+
 #include "ops/layers.h"
 #include "pyseqk/layer_kernels.h"
 
 namespace pyseqk {
 namespace ops {
 namespace {
-
-template <auto Launcher>
-struct OnStream {
-  template <class... Args>
-  void operator()(Args... args) const {
-    Launcher(args..., at::cuda::getCurrentCUDAStream().stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 struct CudaLayerKernels {
   struct Guard {

@@ -8,20 +8,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "ops/cuda_launch.h"
+
 #include "ops/seq2seq.h"
 
 namespace pyseqk {
 namespace ops {
 namespace {
-
-template <auto Launcher>
-struct OnStream {
-  template <class... Args>
-  void operator()(Args... args) const {
-    Launcher(args..., at::cuda::getCurrentCUDAStream().stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 // The Bahdanau backward sums dv over query rows with atomicAdd: the order, and so the last bits,
 // vary run to run, which torch.use_deterministic_algorithms(True) must hear about.
