@@ -85,7 +85,7 @@ def main():
         include_dirs += _cuda_pip_include()
         define_macros.append(("PYSEQK_WITH_CUDA", None))
         cxx.append(f"-DPYSEQK_CUDA_ARCHS=\"{archs}\"")
-        nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-Xptxas=-v", "-lineinfo"]
+        nvcc_flags = ["-O3", "-std=c++20", "-Xptxas=-v", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(
             "pyseqk._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}, extra_link_args=openmp,

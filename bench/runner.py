@@ -410,6 +410,11 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
+    if args.device == "cuda":
+        # Same math on both sides: cuDNN's RNNs default to TF32 for fp32 (cudnn.allow_tf32), which
+        # makes torch.nn.LSTM 1e-2 off an fp32 result while pyseqk's cuBLAS GEMMs are IEEE fp32.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     cases = select(discover(args.preset, args.device), args.filter)
     if args.list:

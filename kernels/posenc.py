@@ -52,7 +52,8 @@ def _block(N, BLOCK: tl.constexpr):
     return idx, idx < N
 
 
-@triton.jit
+# An int argument equal to 1 is specialized to a Python int (no .to): seed, threshold and D can be 1.
+@triton.jit(do_not_specialize=["D", "seed", "threshold"])
 def _posenc_fwd_kernel(x_ptr, out_ptr, N, T, R, D, seed, threshold, scale_hi, scale_lo,
                        HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     idx, mask = _block(N, BLOCK)
@@ -81,7 +82,7 @@ def _posenc_fwd_kernel(x_ptr, out_ptr, N, T, R, D, seed, threshold, scale_hi, sc
     store_as(out_ptr + idx, y, mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _posenc_bwd_kernel(grad_ptr, grad_x_ptr, N, seed, threshold, scale_hi, scale_lo,
                        BLOCK: tl.constexpr):
     idx, mask = _block(N, BLOCK)

@@ -72,6 +72,10 @@ def _seq2seq_fwd_kernel(q_ptr, k_ptr, v_ptr, values_ptr, mask_ptr, context_ptr, 
         m = tl.maximum(m, tl.max(s, axis=0))
         n_valid += tl.sum(valid.to(tl.int32), axis=0)
         n_nan += tl.sum((valid & (s != s)).to(tl.int32), axis=0)
+    # The scratch row is global memory written and re-read by other threads of this program (the
+    # later passes use other layouts): a CTA barrier orders it (a GPU race otherwise, seen on an
+    # H200 as run-to-run differences; the interpreter runs one thread and cannot show it).
+    tl.debug_barrier()
     # A row with no key left: shifting by 0 and scaling by 0 gives zero weights. A NaN score, or
     # keys whose scores are all -inf (infinite inputs), make the row NaN, as torch's softmax.
     empty = n_valid == 0
@@ -93,6 +97,7 @@ def _seq2seq_fwd_kernel(q_ptr, k_ptr, v_ptr, values_ptr, mask_ptr, context_ptr, 
             w = tl.where(pad == 0, w, 0.0)
         tl.store(s_row + offs_k, w, mask=kmask)
         tl.store(w_row + offs_k, w.to(weights_ptr.dtype.element_ty), mask=kmask)
+    tl.debug_barrier()  # the weights row complete before the context loop reads it as w[:, None]
     # Context from the full-precision weights.
     val_base = values_ptr + b * Tk * Hv
     for h0 in range(0, Hv, BLOCK_H):

@@ -33,6 +33,18 @@ SHAPES = {
                      ("lstm", "fwdbwd", 200, 1, 128, 128, torch.float32)],
 }
 
+# On a GPU (default and full presets): batches and widths that fill the chip's GEMMs.
+SHAPES_CUDA = [
+    ("lstm", "fwd", 200, 1, 128, 128, torch.float32),
+    ("lstm", "fwd", 100, 64, 512, 512, torch.float32),
+    ("lstm", "fwdbwd", 100, 64, 512, 512, torch.float32),
+    ("gru", "fwd", 100, 64, 512, 512, torch.float32),
+    ("rnn_tanh", "fwd", 100, 64, 512, 512, torch.float32),
+    ("lstm", "fwd", 100, 64, 1024, 1024, torch.bfloat16),
+    ("lstm", "fwdbwd", 100, 64, 1024, 1024, torch.bfloat16),
+    ("gru", "fwd", 100, 64, 1024, 1024, torch.bfloat16),
+]
+
 
 def layer_counts(G: int, T: int, B: int, I: int, H: int, backward: bool, elem: int):
     """(flops, bytes). FLOPs: the input GEMM 2*T*B*I*G*H plus T recurrent GEMMs 2*B*H*G*H;
@@ -103,7 +115,8 @@ def _make_setup(layer: str, mode: str, T: int, B: int, I: int, H: int, dtype, de
 
 def cases(preset: str, device: str = "cpu") -> list[Case]:
     out = []
-    for layer, mode, T, B, I, H, dtype in SHAPES[preset]:
+    shapes = SHAPES_CUDA if device == "cuda" and preset != "quick" else SHAPES[preset]
+    for layer, mode, T, B, I, H, dtype in shapes:
         G = LAYERS[layer][1]
         dt = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
         flops, nbytes = layer_counts(G, T, B, I, H, mode == "fwdbwd", dtype.itemsize)

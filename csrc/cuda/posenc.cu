@@ -38,8 +38,9 @@ template <> __device__ __forceinline__ void st<__nv_bfloat16, float>(__nv_bfloat
   p[i] = __float2bfloat16_rn(v);
 }
 
-// sin (even d) or cos (odd d) of angle. fp32: reduced to [-pi, pi] first, because with
-// --use_fast_math sinf/cosf become the hardware approximations, accurate only there; the
+// sin (even d) or cos (odd d) of angle. fp32: reduced to [-pi, pi] first, because __sincosf is
+// the hardware approximation, accurate only there (sinf/cosf would be accurate everywhere but
+// keep a Payne-Hanek slow path with a stack frame for huge angles); the
 // reduction is exact for |k| < 2^16 (angles below ~4e5; max_len is 5000 by default).
 __device__ __forceinline__ float encoding(float angle, bool odd) {
   const float k = rintf(angle * 0.15915494309189535f);

@@ -124,10 +124,19 @@ __device__ __forceinline__ A lse2_of(float lse) {
   return lse == -INFINITY ? A(INFINITY) : A(lse) * A(kLog2e);
 }
 
+// 2^x on the SFU (ex2.approx.ftz: 2 ulp, 2^-inf = +0), as FlashAttention's exp2f under fast math.
+// The build has no --use_fast_math (it made the cells' and Bahdanau's expf/tanhf 50 ulp off torch
+// on an H200), so the one place that wants the approximation asks for it here.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 template <class A>
 __device__ __forceinline__ A exp2_(A x) { return exp2(x); }
 template <>
-__device__ __forceinline__ float exp2_<float>(float x) { return exp2f(x); }
+__device__ __forceinline__ float exp2_<float>(float x) { return fast_exp2(x); }
 
 // Copy a [rows, cols] tile of a strided tensor into shared memory (row stride ld), zero outside
 // [n_rows, n_cols): the zero padding of head dims and of the last tile makes every product safe.
@@ -351,17 +360,17 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_fwd_tc(SdpaParams p, Dropout
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
     // A row with nothing unmasked so far keeps m = -inf: subtract 0 instead (no inf - inf).
     const float safe0 = mx0 == -INFINITY ? 0.0f : mx0, safe1 = mx1 == -INFINITY ? 0.0f : mx1;
-    const float alpha0 = exp2f(m_0 - safe0), alpha1 = exp2f(m_1 - safe1);
+    const float alpha0 = fast_exp2(m_0 - safe0), alpha1 = fast_exp2(m_1 - safe1);
     m_0 = mx0;
     m_1 = mx1;
     float sum0 = 0.0f, sum1 = 0.0f;
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
       const int64_t j = n0 + nt * 8 + 2 * t;
-      s[nt][0] = exp2f(s[nt][0] - safe0);
-      s[nt][1] = exp2f(s[nt][1] - safe0);
-      s[nt][2] = exp2f(s[nt][2] - safe1);
-      s[nt][3] = exp2f(s[nt][3] - safe1);
+      s[nt][0] = fast_exp2(s[nt][0] - safe0);
+      s[nt][1] = fast_exp2(s[nt][1] - safe0);
+      s[nt][2] = fast_exp2(s[nt][2] - safe1);
+      s[nt][3] = fast_exp2(s[nt][3] - safe1);
       sum0 += s[nt][0] + s[nt][1];
       sum1 += s[nt][2] + s[nt][3];
       if (drop.on) {  // after the row sum: the normaliser counts dropped elements too
@@ -478,7 +487,7 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_bwd_dq_tc(SdpaParams p, Drop
       for (int e = 0; e < 4; ++e) {
         const int64_t i = e < 2 ? i0 : i1;
         const int64_t jj = j + (e & 1);
-        const float pr = exp2f(score(s[nt][e], i, jj) - (e < 2 ? l2_0 : l2_1));
+        const float pr = fast_exp2(score(s[nt][e], i, jj) - (e < 2 ? l2_0 : l2_1));
         float d = dp[nt][e];
         if (drop.on) d = drop.keep(e < 2 ? rk0 : rk1, jj) ? d * drop.scale : 0.0f;
         s[nt][e] = pr * (d - (e < 2 ? dl_0 : dl_1));  // dS
@@ -571,7 +580,7 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_bwd_dkdv_tc(SdpaParams p, Dr
         for (int e = 0; e < 4; ++e) {
           const int c = nt * 8 + 2 * t + (e & 1);  // query within the tile
           const int64_t i = m0 + c, j = e < 2 ? j0 : j1;
-          const float pr = exp2f(score(st[nt][e], i, j) - l2s[c]);
+          const float pr = fast_exp2(score(st[nt][e], i, j) - l2s[c]);
           float d = dpt[nt][e];
           float pd = pr;
           if (drop.on) {

@@ -56,7 +56,7 @@ __device__ __forceinline__ double fast_tanh(double x) {
   r = r * (2.0 - d * r);
   return 1.0 - 2.0 * r;
 }
-__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ float fast_exp(float x) { return expf(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 
 constexpr int kThreads = 128;
