@@ -262,39 +262,44 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ uint32_t ld32(const void* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-__device__ __forceinline__ uint32_t pack_raw(const void* lo, const void* hi) {
-  return uint32_t(*reinterpret_cast<const uint16_t*>(lo)) |
-         (uint32_t(*reinterpret_cast<const uint16_t*>(hi)) << 16);
+// Fragments come from shared memory through ldmatrix (sm_75+): one instruction per 8x8 16-bit
+// matrix quad/pair, each lane giving one 16-byte row address (the tiles' rows are D + kPad
+// elements, 16-byte aligned, and 8 consecutive rows fall in 8 different bank groups). The
+// element-wise loads they replace cost 4 (A), 2 (B^T) and 4 16-bit loads plus packing (B) per
+// fragment. asm volatile, as CUTLASS's, keeps them after the __syncthreads that publish a tile.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// A fragment of rows [r0, r0 + 16) and k columns [k0, k0 + 16) of a row-major smem tile.
+// A fragment of rows [r0, r0 + 16) and k columns [k0, k0 + 16) of a row-major smem tile:
+// matrices (rows +0, k0), (rows +8, k0), (rows +0, k0 + 8), (rows +8, k0 + 8) = a0..a3.
 template <class T>
 __device__ __forceinline__ void frag_a(uint32_t a[4], const T* s, int ld, int r0, int k0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const T* p = s + (r0 + g) * ld + k0 + 2 * t;
-  a[0] = ld32(p);
-  a[1] = ld32(p + 8 * ld);
-  a[2] = ld32(p + 8);
-  a[3] = ld32(p + 8 * ld + 8);
+  const int lane = threadIdx.x & 31;
+  const T* p = s + (r0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(smem_u32(p)));
 }
-// B fragment with B[k][n] = s[n0 + n][k0 + k] (s holds B transposed: K for Q K^T).
+// B fragment with B[k][n] = s[n0 + n][k0 + k] (s holds B transposed: K for Q K^T):
+// matrices (rows n0.., k0) and (rows n0.., k0 + 8) = b0, b1.
 template <class T>
 __device__ __forceinline__ void frag_b_t(uint32_t b[2], const T* s, int ld, int n0, int k0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const T* p = s + (n0 + g) * ld + k0 + 2 * t;
-  b[0] = ld32(p);
-  b[1] = ld32(p + 8);
+  const int lane = threadIdx.x & 31;
+  const T* p = s + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) & 1) * 8;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(b[0]), "=r"(b[1])
+               : "r"(smem_u32(p)));
 }
-// B fragment with B[k][n] = s[k0 + k][n0 + n] (s holds B as is: V for P V).
+// B fragment with B[k][n] = s[k0 + k][n0 + n] (s holds B as is: V for P V): the transposed
+// matrices (rows k0.., n0) and (rows k0 + 8.., n0) = b0, b1.
 template <class T>
 __device__ __forceinline__ void frag_b(uint32_t b[2], const T* s, int ld, int k0, int n0) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const T* p = s + (k0 + 2 * t) * ld + n0 + g;
-  b[0] = pack_raw(p, p + ld);
-  b[1] = pack_raw(p + 8 * ld, p + 9 * ld);
+  const int lane = threadIdx.x & 31;
+  const T* p = s + (k0 + (lane & 15)) * ld + n0;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(b[0]), "=r"(b[1])
+               : "r"(smem_u32(p)));
 }
 // Two adjacent 16x8 accumulator tiles (k columns [0, 8) and [8, 16)) as one 16x16 A fragment.
 template <class T>
