@@ -215,6 +215,40 @@ __device__ __forceinline__ void load_tile_raw(T* dst, int ld, const T* src, int6
   }
 }
 
+// Asynchronous copy (cp.async, sm_80+) of a [ROWS, COLS] tile of 16-bit T into shared memory,
+// 16 bytes per instruction, rows at or past n_rows and columns past n_cols zero-filled (a source
+// size of 0 reads nothing). Only where async_tile_ok(): rows contiguous and 16-byte aligned,
+// n_cols a multiple of 8 (a chunk is wholly inside the head dim or wholly outside).
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+template <class T>
+__device__ __forceinline__ bool async_tile_ok(const T* src, const int64_t* stride, int64_t n_cols) {
+  return stride[3] == 1 && stride[2] % 8 == 0 && n_cols % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(src) % 16 == 0;
+}
+template <int ROWS, int COLS, class T>
+__device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* src, int64_t s_row,
+                                                int64_t row0, int64_t n_rows, int64_t n_cols) {
+  static_assert(sizeof(T) == 2 && COLS % 8 == 0, "16-bit types, whole 16-byte chunks");
+  constexpr int kChunkCols = COLS / 8, kChunks = ROWS * kChunkCols;
+#pragma unroll
+  for (int k = 0; k < (kChunks + kThreads - 1) / kThreads; ++k) {
+    const int idx = threadIdx.x + k * kThreads;
+    if (kChunks % kThreads == 0 || idx < kChunks) {
+      const int r = idx / kChunkCols, c = (idx % kChunkCols) * 8;
+      const int64_t gr = row0 + r;
+      const bool in = gr < n_rows && c < n_cols;
+      const T* g = in ? src + gr * s_row + c : src;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                   :: "r"(smem_u32(dst + r * ld + c)), "l"(g), "r"(in ? 16 : 0));
+    }
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
 __device__ __forceinline__ const char* at_bh(const void* base, const int64_t* st, int64_t b,
                                              int64_t h, int64_t esize) {
   return static_cast<const char*>(base) + (b * st[0] + h * st[1]) * esize;
@@ -267,10 +301,6 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32
 // elements, 16-byte aligned, and 8 consecutive rows fall in 8 different bank groups). The
 // element-wise loads they replace cost 4 (A), 2 (B^T) and 4 16-bit loads plus packing (B) per
 // fragment. asm volatile, as CUTLASS's, keeps them after the __syncthreads that publish a tile.
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // A fragment of rows [r0, r0 + 16) and k columns [k0, k0 + 16) of a row-major smem tile:
 // matrices (rows +0, k0), (rows +8, k0), (rows +0, k0 + 8), (rows +8, k0 + 8) = a0..a3.
 template <class T>
@@ -359,9 +389,10 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_fwd_tc(SdpaParams p, Dropout
                                                         float* lse) {
   constexpr int BM = TcFwdCfg<D>::BM, BN = TcFwdCfg<D>::BN, LD = D + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Shared memory: the Q tile, then two (K, V) tile pairs: with cp.async the next pair loads
+  // while this one is multiplied (FlashAttention-2's pipelining); otherwise only pair 0 is used.
   T* qs = reinterpret_cast<T*>(smem_raw);
-  T* ks = qs + BM * LD;
-  T* vs = ks + BN * LD;
+  T* kv0 = qs + BM * LD;
 
   const int64_t n_m = (p.L + BM - 1) / BM;
   const BlockPos pos = block_pos(n_m, p.Hq, p.is_causal);
@@ -380,6 +411,13 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_fwd_tc(SdpaParams p, Dropout
                 p.q_stride[2], p.q_stride[3], m0, p.L, p.E);
   const T* kg = reinterpret_cast<const T*>(at_bh(p.k, p.k_stride, pos.b, hk, sizeof(T)));
   const T* vg = reinterpret_cast<const T*>(at_bh(p.v, p.v_stride, pos.b, hk, sizeof(T)));
+  const bool pipelined = async_tile_ok(kg, p.k_stride, p.E) && async_tile_ok(vg, p.v_stride, p.Ev);
+  auto issue = [&](int64_t n0, int buf) {  // cp.async of the (K, V) tiles at key n0 into pair buf
+    T* kb = kv0 + buf * 2 * BN * LD;
+    load_tile_async<BN, D>(kb, LD, kg, p.k_stride[2], n0, p.S, p.E);
+    load_tile_async<BN, D>(kb + BN * LD, LD, vg, p.v_stride[2], n0, p.S, p.Ev);
+    cp_async_commit();
+  };
 
   float o[D / 8][4];
 #pragma unroll
@@ -387,11 +425,24 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_fwd_tc(SdpaParams p, Dropout
   float m_0 = -INFINITY, m_1 = -INFINITY, l_0 = 0.0f, l_1 = 0.0f;
 
   const int64_t hi = p.is_causal ? (p.S < m0 + BM ? p.S : m0 + BM) : p.S;
-  for (int64_t n0 = 0; n0 < hi; n0 += BN) {
-    __syncthreads();  // the previous tiles are consumed
-    constexpr int kInFlight = D >= 256 ? 1 : 4;  // o[] holds 128 registers at D = 256
-    load_tile_raw<BN, D, kInFlight>(ks, LD, kg, p.k_stride[2], p.k_stride[3], n0, p.S, p.E);
-    load_tile_raw<BN, D, kInFlight>(vs, LD, vg, p.v_stride[2], p.v_stride[3], n0, p.S, p.Ev);
+  if (pipelined && hi > 0) issue(0, 0);
+  int buf = 0;
+  for (int64_t n0 = 0; n0 < hi; n0 += BN, buf ^= pipelined ? 1 : 0) {
+    T* ks = kv0 + buf * 2 * BN * LD;
+    T* vs = ks + BN * LD;
+    __syncthreads();  // the tiles of pair buf ^ 1 (the previous step's) are consumed
+    if (pipelined) {
+      if (n0 + BN < hi) {
+        issue(n0 + BN, buf ^ 1);
+        cp_async_wait<1>();  // this step's pair has landed, the next one is in flight
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      constexpr int kInFlight = D >= 256 ? 1 : 4;  // o[] holds 128 registers at D = 256
+      load_tile_raw<BN, D, kInFlight>(ks, LD, kg, p.k_stride[2], p.k_stride[3], n0, p.S, p.E);
+      load_tile_raw<BN, D, kInFlight>(vs, LD, vg, p.v_stride[2], p.v_stride[3], n0, p.S, p.Ev);
+    }
     __syncthreads();
 
     float s[BN / 8][4];
@@ -1024,7 +1075,7 @@ void fwd_simt(const SdpaParams& p, void* out, float* lse, cudaStream_t stream) {
 template <class T, int D>
 void fwd_tc(const SdpaParams& p, void* out, float* lse, cudaStream_t stream) {
   constexpr int BM = TcFwdCfg<D>::BM, BN = TcFwdCfg<D>::BN;
-  const size_t smem = sizeof(T) * (BM + 2 * BN) * (D + kPad);
+  const size_t smem = sizeof(T) * (BM + 4 * BN) * (D + kPad);  // Q + two (K, V) pairs
   set_smem(sdpa_fwd_tc<T, D>, smem);
   sdpa_fwd_tc<T, D><<<dim3(unsigned(cdiv(p.L, BM) * p.B * p.Hq)), kThreads, smem, stream>>>(
       p, make_dropout(p), static_cast<T*>(out), lse);
