@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_io.cuh"
 #include "pyseqk/cell_kernels.h"
 #include "pyseqk/cell_math.h"
 
@@ -13,28 +14,6 @@ namespace pyseqk {
 namespace cuda {
 namespace {
 
-template <class T> struct MathType { using type = float; };
-template <> struct MathType<double> { using type = double; };
-
-template <class T> __device__ __forceinline__ typename MathType<T>::type ld(const T* p, int64_t i) {
-  return static_cast<typename MathType<T>::type>(p[i]);
-}
-template <> __device__ __forceinline__ float ld<__half>(const __half* p, int64_t i) {
-  return __half2float(p[i]);
-}
-template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-template <class T, class M> __device__ __forceinline__ void st(T* p, int64_t i, M v) {
-  p[i] = static_cast<T>(v);
-}
-template <> __device__ __forceinline__ void st<__half, float>(__half* p, int64_t i, float v) {
-  p[i] = __float2half_rn(v);
-}
-template <> __device__ __forceinline__ void st<__nv_bfloat16, float>(__nv_bfloat16* p, int64_t i,
-                                                                    float v) {
-  p[i] = __float2bfloat16_rn(v);
-}
 template <class T> __device__ __forceinline__ typename MathType<T>::type ld_or0(const T* p, int64_t i) {
   return p ? ld(p, i) : typename MathType<T>::type(0);
 }
@@ -148,28 +127,13 @@ __global__ void __launch_bounds__(kThreads) rnn_bwd(const T* hy, const T* dhy, T
   }
 }
 
-unsigned grid_for(int64_t n) {
-  // Enough blocks to fill any current GPU several times; the grid-stride loop covers the rest.
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
-}
-
-template <class F>
-void dispatch(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat64: return f(double{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-}
 
 }  // namespace
 
 #define PYSEQK_LAUNCH(kernel, n, ...)                                          \
   do {                                                                         \
     if ((n) > 0) {                                                             \
-      kernel<<<grid_for(n), kThreads, 0, stream>>>(__VA_ARGS__);               \
+      kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(__VA_ARGS__);               \
     }                                                                          \
   } while (0)
 

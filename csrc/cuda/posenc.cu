@@ -9,34 +9,13 @@
 
 #include <algorithm>
 
+#include "cuda_io.cuh"
 #include "pyseqk/posenc.h"
 
 namespace pyseqk {
 namespace cuda {
 namespace {
 
-template <class T> struct MathType { using type = float; };
-template <> struct MathType<double> { using type = double; };
-
-template <class T> __device__ __forceinline__ typename MathType<T>::type ld(const T* p, int64_t i) {
-  return static_cast<typename MathType<T>::type>(p[i]);
-}
-template <> __device__ __forceinline__ float ld<__half>(const __half* p, int64_t i) {
-  return __half2float(p[i]);
-}
-template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-template <class T, class M> __device__ __forceinline__ void st(T* p, int64_t i, M v) {
-  p[i] = static_cast<T>(v);
-}
-template <> __device__ __forceinline__ void st<__half, float>(__half* p, int64_t i, float v) {
-  p[i] = __float2half_rn(v);
-}
-template <> __device__ __forceinline__ void st<__nv_bfloat16, float>(__nv_bfloat16* p, int64_t i,
-                                                                    float v) {
-  p[i] = __float2bfloat16_rn(v);
-}
 
 // sin (even d) or cos (odd d) of angle. fp32: reduced to [-pi, pi] first, because __sincosf is
 // the hardware approximation, accurate only there (sinf/cosf would be accurate everywhere but
@@ -93,15 +72,6 @@ __global__ void __launch_bounds__(kThreads) posenc_bwd(const T* grad, T* grad_x,
   }
 }
 
-template <class F>
-void dispatch(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat64: return f(double{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-}
 
 // Enough blocks to fill any current GPU several times over; the loops stride over the rest.
 constexpr int64_t kMaxBlocks = 1 << 16;

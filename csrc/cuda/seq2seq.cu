@@ -16,34 +16,13 @@
 
 #include <cstdint>
 
+#include "cuda_io.cuh"
 #include "pyseqk/seq2seq_kernels.h"
 
 namespace pyseqk {
 namespace cuda {
 namespace {
 
-template <class T> struct MathType { using type = float; };
-template <> struct MathType<double> { using type = double; };
-
-template <class T> __device__ __forceinline__ typename MathType<T>::type ld(const T* p, int64_t i) {
-  return static_cast<typename MathType<T>::type>(__ldg(p + i));
-}
-template <> __device__ __forceinline__ float ld<__half>(const __half* p, int64_t i) {
-  return __half2float(p[i]);
-}
-template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-template <class T, class M> __device__ __forceinline__ void st(T* p, int64_t i, M v) {
-  p[i] = static_cast<T>(v);
-}
-template <> __device__ __forceinline__ void st<__half, float>(__half* p, int64_t i, float v) {
-  p[i] = __float2half_rn(v);
-}
-template <> __device__ __forceinline__ void st<__nv_bfloat16, float>(__nv_bfloat16* p, int64_t i,
-                                                                    float v) {
-  p[i] = __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ float fast_tanh(float x) { return tanhf(x); }
 // libdevice's double tanh, and a double division, keep slow paths on the stack that spill. Here:
@@ -106,8 +85,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd(
     if (!(mask && mask[b * Tk + j])) {
       const T* kr = k + (b * Tk + j) * D;
       auto term = [&](int64_t d) -> M {
-        if (kAdditive) return ld(v, d) * fast_tanh(ld(qr, d) + ld(kr, d));
-        return ld(qr, d) * ld(kr, d);
+        if (kAdditive) return ld_ro(v, d) * fast_tanh(ld_ro(qr, d) + ld_ro(kr, d));
+        return ld_ro(qr, d) * ld_ro(kr, d);
       };
       acc = 0;
       if (sizeof(M) == 8 && kAdditive) {
@@ -142,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd(
     M acc = 0;
     for (int64_t j = 0; j < Tk; ++j) {
       const M p = s[j];
-      if (p != M(0)) acc += p * ld(vb, j * Hv + h);
+      if (p != M(0)) acc += p * ld_ro(vb, j * Hv + h);
     }
     st(context, row * Hv + h, acc);
   }
@@ -158,16 +137,16 @@ __global__ void __launch_bounds__(kThreads) bahdanau_bwd_q(
   const int64_t b = row / Tq;
   for (int64_t d = blockIdx.y * int64_t(kThreads) + threadIdx.x; d < D;
        d += int64_t(gridDim.y) * kThreads) {
-    const M a = ld(wq, row * D + d);
+    const M a = ld_ro(wq, row * D + d);
     M ga = 0, gv = 0;
     for (int64_t j = 0; j < Tk; ++j) {
       const M g = ds[row * Tk + j];
       if (g == M(0)) continue;
-      const M t = fast_tanh(a + ld(uk, (b * Tk + j) * D + d));
+      const M t = fast_tanh(a + ld_ro(uk, (b * Tk + j) * D + d));
       ga += g * (M(1) - t * t);
       gv += g * t;
     }
-    dwq[row * D + d] = ga * ld(v, d);
+    dwq[row * D + d] = ga * ld_ro(v, d);
     atomicAdd(dv + d, gv);
   }
 }
@@ -182,27 +161,18 @@ __global__ void __launch_bounds__(kThreads) bahdanau_bwd_k(
   const int64_t b = krow / Tk, j = krow - b * Tk;
   for (int64_t d = blockIdx.y * int64_t(kThreads) + threadIdx.x; d < D;
        d += int64_t(gridDim.y) * kThreads) {
-    const M kv = ld(uk, krow * D + d);
+    const M kv = ld_ro(uk, krow * D + d);
     M gk = 0;
     for (int64_t i = 0; i < Tq; ++i) {
       const M g = ds[(b * Tq + i) * Tk + j];
       if (g == M(0)) continue;
-      const M t = fast_tanh(ld(wq, (b * Tq + i) * D + d) + kv);
+      const M t = fast_tanh(ld_ro(wq, (b * Tq + i) * D + d) + kv);
       gk += g * (M(1) - t * t);
     }
-    duk[krow * D + d] = gk * ld(v, d);
+    duk[krow * D + d] = gk * ld_ro(v, d);
   }
 }
 
-template <class F>
-void dispatch(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat64: return f(double{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-}
 
 // Grid dimension 0 takes up to 2^31 - 1 blocks, dimension 1 up to 65535.
 unsigned feature_blocks(int64_t D) {
