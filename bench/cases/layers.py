@@ -1,6 +1,6 @@
-"""Whole-sequence layers: torch.nn.LSTM/GRU/RNN (1 layer, unidirectional) against
-pyseqk.functional.{lstm,gru,rnn}_layer called with the same weights, forward (no_grad) and
-forward+backward. (Switch to pyseqk.nn's modules once they are merged.)"""
+"""Whole-sequence layers: torch.nn.LSTM/GRU/RNN (1 layer, unidirectional) against the drop-in
+pyseqk.nn.LSTM/GRU/RNN with the same weights (load_state_dict) and the same call, forward
+(no_grad) and forward+backward: what a user who swaps the module gets, module overhead included."""
 from __future__ import annotations
 
 import torch
@@ -64,31 +64,27 @@ def _make_setup(layer: str, mode: str, T: int, B: int, I: int, H: int, dtype, de
     backward = mode == "fwdbwd"
 
     def setup():
-        import pyseqk.functional as F
+        import pyseqk
 
         torch.manual_seed(0)
         ref = getattr(torch.nn, cls_name)(I, H, **kwargs).to(device=device, dtype=dtype)
-        w = [p.detach().clone().requires_grad_(backward) for p in
-             (ref.weight_ih_l0, ref.weight_hh_l0, ref.bias_ih_l0, ref.bias_hh_l0)]
+        ours = getattr(pyseqk.nn, cls_name)(I, H, **kwargs).to(device=device, dtype=dtype)
+        ours.load_state_dict(ref.state_dict())
+        ref.flatten_parameters()  # cuDNN's weight buffer (a no-op on the CPU)
         x = torch.randn(T, B, I, device=device, dtype=dtype)
-        h0 = (torch.randn(B, H, device=device) * 0.1).to(dtype)
-        c0 = (torch.randn(B, H, device=device) * 0.1).to(dtype)
+        h0 = (torch.randn(1, B, H, device=device) * 0.1).to(dtype)
+        c0 = (torch.randn(1, B, H, device=device) * 0.1).to(dtype)
 
-        def torch_call():
-            if layer == "lstm":
-                out, (h, _) = ref(x, (h0[None], c0[None]))
-            else:
-                out, h = ref(x, h0[None])
-            return out, h[0]
+        def call_of(m):
+            def call():
+                if layer == "lstm":
+                    out, (h, _) = m(x, (h0, c0))
+                else:
+                    out, h = m(x, h0)
+                return out, h[0]
+            return call
 
-        def ours_call():
-            if layer == "lstm":
-                out, h, _ = F.lstm_layer(x, h0, c0, *w)
-            elif layer == "gru":
-                out, h = F.gru_layer(x, h0, *w)
-            else:
-                out, h = F.rnn_layer(x, h0, *w, nonlinearity=kwargs["nonlinearity"])
-            return out, h
+        torch_call, ours_call = call_of(ref), call_of(ours)
 
         def fwd(call):
             def run():
@@ -107,7 +103,7 @@ def _make_setup(layer: str, mode: str, T: int, B: int, I: int, H: int, dtype, de
 
         if backward:
             return (fwd_bwd(torch_call, [ref.weight_ih_l0, ref.weight_hh_l0]),
-                    fwd_bwd(ours_call, [w[0], w[1]]))
+                    fwd_bwd(ours_call, [ours.weight_ih_l0, ours.weight_hh_l0]))
         return fwd(torch_call), fwd(ours_call)
 
     return setup

@@ -381,6 +381,58 @@ template <int D> struct TcFwdCfg { static constexpr int BM = 64, BN = 64; };
 template <> struct TcFwdCfg<256> { static constexpr int BM = 64, BN = 32; };
 constexpr int kPad = 8;  // 16 bytes of row padding: fragment loads of 8 rows hit 8 banks
 
+// The (K, V) tiles of a loop over key blocks (forward, dQ), in shared memory at `base` as two
+// (K, V) pairs. Where the rows allow cp.async (async_tile_ok), the next pair loads while this one
+// is multiplied (FlashAttention-2's pipelining); otherwise pair 0 is loaded synchronously.
+//   KvTiles<T, BN, D> kv(base, kg, vg, p, hi);
+//   for (n0 = 0; n0 < hi; n0 += BN, kv.next()) { const T* ks = kv.acquire(n0); ... }
+// acquire() has the barriers: the previous pair is consumed, this one has landed.
+template <class T, int BN, int D>
+struct KvTiles {
+  static constexpr int LD = D + kPad;
+  T* base;
+  const T* kg;
+  const T* vg;
+  const SdpaParams& p;
+  int64_t hi;
+  bool pipelined;
+  int buf = 0;
+
+  __device__ __forceinline__ KvTiles(T* base_, const T* kg_, const T* vg_, const SdpaParams& p_,
+                                     int64_t hi_)
+      : base(base_), kg(kg_), vg(vg_), p(p_), hi(hi_),
+        pipelined(async_tile_ok(kg_, p_.k_stride, p_.E) && async_tile_ok(vg_, p_.v_stride, p_.Ev)) {
+    if (pipelined && hi > 0) issue(0, 0);
+  }
+  __device__ __forceinline__ void issue(int64_t n0, int b) {
+    T* kb = base + b * 2 * BN * LD;
+    load_tile_async<BN, D>(kb, LD, kg, p.k_stride[2], n0, p.S, p.E);
+    load_tile_async<BN, D>(kb + BN * LD, LD, vg, p.v_stride[2], n0, p.S, p.Ev);
+    cp_async_commit();
+  }
+  // K tile at key n0 (the V tile follows it, BN * LD elements on).
+  __device__ __forceinline__ T* acquire(int64_t n0) {
+    T* ks = base + buf * 2 * BN * LD;
+    __syncthreads();  // the previous pair (and, the first time, anything else) is consumed
+    if (pipelined) {
+      if (n0 + BN < hi) {
+        issue(n0 + BN, buf ^ 1);
+        cp_async_wait<1>();  // this pair has landed, the next one is in flight
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      constexpr int kInFlight = D >= 256 ? 1 : 4;  // the forward's o[] holds 128 registers at 256
+      load_tile_raw<BN, D, kInFlight>(ks, LD, kg, p.k_stride[2], p.k_stride[3], n0, p.S, p.E);
+      load_tile_raw<BN, D, kInFlight>(ks + BN * LD, LD, vg, p.v_stride[2], p.v_stride[3], n0,
+                                      p.S, p.Ev);
+    }
+    __syncthreads();
+    return ks;
+  }
+  __device__ __forceinline__ void next() { buf ^= pipelined ? 1 : 0; }
+};
+
 // ------------------------------------------------------------------------------------------
 // Tensor-core forward. Block: 64 query rows (16 per warp) of one (b, h); loops over key tiles.
 
@@ -389,10 +441,8 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_fwd_tc(SdpaParams p, Dropout
                                                         float* lse) {
   constexpr int BM = TcFwdCfg<D>::BM, BN = TcFwdCfg<D>::BN, LD = D + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // Shared memory: the Q tile, then two (K, V) tile pairs: with cp.async the next pair loads
-  // while this one is multiplied (FlashAttention-2's pipelining); otherwise only pair 0 is used.
   T* qs = reinterpret_cast<T*>(smem_raw);
-  T* kv0 = qs + BM * LD;
+  T* kv0 = qs + BM * LD;  // two (K, V) pairs: KvTiles
 
   const int64_t n_m = (p.L + BM - 1) / BM;
   const BlockPos pos = block_pos(n_m, p.Hq, p.is_causal);
@@ -411,13 +461,6 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_fwd_tc(SdpaParams p, Dropout
                 p.q_stride[2], p.q_stride[3], m0, p.L, p.E);
   const T* kg = reinterpret_cast<const T*>(at_bh(p.k, p.k_stride, pos.b, hk, sizeof(T)));
   const T* vg = reinterpret_cast<const T*>(at_bh(p.v, p.v_stride, pos.b, hk, sizeof(T)));
-  const bool pipelined = async_tile_ok(kg, p.k_stride, p.E) && async_tile_ok(vg, p.v_stride, p.Ev);
-  auto issue = [&](int64_t n0, int buf) {  // cp.async of the (K, V) tiles at key n0 into pair buf
-    T* kb = kv0 + buf * 2 * BN * LD;
-    load_tile_async<BN, D>(kb, LD, kg, p.k_stride[2], n0, p.S, p.E);
-    load_tile_async<BN, D>(kb + BN * LD, LD, vg, p.v_stride[2], n0, p.S, p.Ev);
-    cp_async_commit();
-  };
 
   float o[D / 8][4];
 #pragma unroll
@@ -425,25 +468,10 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_fwd_tc(SdpaParams p, Dropout
   float m_0 = -INFINITY, m_1 = -INFINITY, l_0 = 0.0f, l_1 = 0.0f;
 
   const int64_t hi = p.is_causal ? (p.S < m0 + BM ? p.S : m0 + BM) : p.S;
-  if (pipelined && hi > 0) issue(0, 0);
-  int buf = 0;
-  for (int64_t n0 = 0; n0 < hi; n0 += BN, buf ^= pipelined ? 1 : 0) {
-    T* ks = kv0 + buf * 2 * BN * LD;
-    T* vs = ks + BN * LD;
-    __syncthreads();  // the tiles of pair buf ^ 1 (the previous step's) are consumed
-    if (pipelined) {
-      if (n0 + BN < hi) {
-        issue(n0 + BN, buf ^ 1);
-        cp_async_wait<1>();  // this step's pair has landed, the next one is in flight
-      } else {
-        cp_async_wait<0>();
-      }
-    } else {
-      constexpr int kInFlight = D >= 256 ? 1 : 4;  // o[] holds 128 registers at D = 256
-      load_tile_raw<BN, D, kInFlight>(ks, LD, kg, p.k_stride[2], p.k_stride[3], n0, p.S, p.E);
-      load_tile_raw<BN, D, kInFlight>(vs, LD, vg, p.v_stride[2], p.v_stride[3], n0, p.S, p.Ev);
-    }
-    __syncthreads();
+  KvTiles<T, BN, D> kv(kv0, kg, vg, p, hi);
+  for (int64_t n0 = 0; n0 < hi; n0 += BN, kv.next()) {
+    const T* ks = kv.acquire(n0);
+    const T* vs = ks + BN * LD;
 
     float s[BN / 8][4];
 #pragma unroll
@@ -542,8 +570,7 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_bwd_dq_tc(SdpaParams p, Drop
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* qs = reinterpret_cast<T*>(smem_raw);
   T* dos = qs + BM * LD;
-  T* ks = dos + BM * LD;
-  T* vs = ks + BN * LD;
+  T* kv0 = dos + BM * LD;  // two (K, V) pairs: KvTiles
 
   const int64_t n_m = (p.L + BM - 1) / BM;
   const BlockPos pos = block_pos(n_m, p.Hq, p.is_causal);
@@ -576,11 +603,10 @@ __global__ void __launch_bounds__(kThreads, 1) sdpa_bwd_dq_tc(SdpaParams p, Drop
   for (int d = 0; d < D / 8; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.0f;
 
   const int64_t hi = p.is_causal ? (p.S < m0 + BM ? p.S : m0 + BM) : p.S;
-  for (int64_t n0 = 0; n0 < hi; n0 += BN) {
-    __syncthreads();
-    load_tile_raw<BN, D>(ks, LD, kg, p.k_stride[2], p.k_stride[3], n0, p.S, p.E);
-    load_tile_raw<BN, D>(vs, LD, vg, p.v_stride[2], p.v_stride[3], n0, p.S, p.Ev);
-    __syncthreads();
+  KvTiles<T, BN, D> kv(kv0, kg, vg, p, hi);
+  for (int64_t n0 = 0; n0 < hi; n0 += BN, kv.next()) {
+    const T* ks = kv.acquire(n0);
+    const T* vs = ks + BN * LD;
 
     float s[BN / 8][4], dp[BN / 8][4];
 #pragma unroll
@@ -1160,7 +1186,7 @@ void bwd_tc(const SdpaParams& p, const BwdArgs& a, cudaStream_t stream) {
     sdpa_bwd_dkdv_tc<T, D, true, false><<<grid, kThreads, smem, stream>>>(
         p, drop, dout, a.go[0], a.go[1], a.go[2], a.go[3], a.lse, a.delta, dk, dv);
   }
-  smem = sizeof(T) * (2 * BM + 2 * BN) * (D + kPad);
+  smem = sizeof(T) * (2 * BM + 4 * BN) * (D + kPad);  // Q, dO + two (K, V) pairs
   set_smem(sdpa_bwd_dq_tc<T, D>, smem);
   sdpa_bwd_dq_tc<T, D><<<dim3(unsigned(cdiv(p.L, BM) * p.B * p.Hq)), kThreads, smem, stream>>>(
       p, drop, dout, a.go[0], a.go[1], a.go[2], a.go[3], a.lse, a.delta,
