@@ -5,8 +5,11 @@
 #include <dlfcn.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "ops/layers.h"
@@ -68,6 +71,8 @@ const Blas& blas() {
 constexpr int64_t kSingleThreadMacs = int64_t(1) << 20;
 // Up to this many batch rows the recurrent GEMM is a hand-written GEMV (cpu::small_gemm_f32).
 constexpr int64_t kSmallBatch = 2;
+// The smallest step weight (elements) whose GEMV the time loop splits between threads.
+constexpr int64_t kTeamMinWeight = int64_t(1) << 15;
 
 struct SingleThreadIfSmall {
   int previous = -1;
@@ -153,6 +158,44 @@ struct CpuLayerKernels {
       return;
     }
     gemm(w.w, false, false, M, N, K, A, lda, w.w.data_ptr(), N, beta, C, ldc);
+  }
+
+  // The forward time loops. At one or two batch rows (fp32) a step is a GEMV over W_hh, a few
+  // microseconds, and forking threads for it costs as much: there one OpenMP team runs the whole
+  // loop, each thread multiplying its own column slice of W_hh every step (so the slice stays in
+  // its core's L2), then a barrier, the step's gate kernel on thread 0, a barrier. Measured at
+  // T=200 B=1 H=128, 2 threads: LSTM 0.85 -> 0.73 ms, GRU 0.69 -> 0.62; the RNN's 128 x 128
+  // GEMV (16k multiply-adds) got slower (0.27 -> 0.32: two barriers cost more than its half), so
+  // smaller weights than kTeamMinWeight keep the serial loop. Above two rows the team was tried
+  // with MKL's packed GEMM on per-thread slices and gained nothing (bench/NOTES.md).
+  template <class GemmOf, class Point>
+  static void time_loop(const Weight& w, int64_t T, int64_t B, const GemmOf& gemm_of,
+                        const Point& point) {
+    const int threads = at::get_num_threads();
+    if (threads < 2 || B > kSmallBatch || !w.w.defined() || w.w.scalar_type() != at::kFloat ||
+        at::in_parallel_region() || w.w.numel() < kTeamMinWeight) {
+      serial_time_loop(&step_gemm, w, T, gemm_of, point);
+      return;
+    }
+    const int64_t K = w.w.size(0), N = w.w.size(1);
+    const int64_t chunk = ((N + threads - 1) / threads + 15) / 16 * 16;
+    const int team = static_cast<int>((N + chunk - 1) / chunk);
+    const float* wp = w.w.data_ptr<float>();
+#pragma omp parallel num_threads(team)
+    {
+      const int64_t n0 = omp_get_thread_num() * chunk, nw = std::min(chunk, N - n0);
+      for (int64_t s = 0; s < T; ++s) {
+        const StepGemm g = gemm_of(s);
+        if (g.m > 0) {
+          cpu::small_gemm_f32(false, g.m, nw, K, static_cast<const float*>(g.A), g.lda, wp + n0,
+                              N, static_cast<float>(g.beta), static_cast<float*>(g.C) + n0,
+                              g.ldc);
+        }
+#pragma omp barrier
+        if (n0 == 0) point(s);
+#pragma omp barrier
+      }
+    }
   }
 
   static constexpr auto lstm_forward_step = &cpu::lstm_layer_forward_step;

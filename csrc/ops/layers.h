@@ -153,6 +153,30 @@ inline char* at_step(const at::Tensor& t, int64_t i) {
 
 // K::Weight(w): a step GEMM's weight w [K, N] (row-major, contiguous or undefined), prepared
 // once per op call; K::step_gemm(w, M, A, lda, beta, C, ldc): C[M, N] = A[M, K] w + beta C.
+// K::time_loop(w, T, B, gemm_of, point): for s < T, the step GEMM gemm_of(s) with weight w, then
+// point(s), the step's fused gate kernel (the CPU's is in csrc/ops/layers.cpp).
+
+// One step GEMM's operands: C[m, N] = A[m, K] w + beta C.
+struct StepGemm {
+  int64_t m;
+  const void* A;
+  int64_t lda;
+  double beta;
+  void* C;
+  int64_t ldc;
+};
+
+// The time loop any backend can run: one step GEMM, then the step's kernel.
+template <class Weight, class StepGemmFn, class GemmOf, class Point>
+void serial_time_loop(const StepGemmFn& step_gemm, const Weight& w, int64_t T, const GemmOf& gemm_of,
+                      const Point& point) {
+  for (int64_t s = 0; s < T; ++s) {
+    const StepGemm g = gemm_of(s);
+    step_gemm(w, g.m, g.A, g.lda, g.beta, g.C, g.ldc);
+    point(s);
+  }
+}
+
 template <class K>
 struct Layers {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -193,20 +217,24 @@ struct Layers {
     const at::Tensor whhT = w_hh.t().contiguous();
     const at::Tensor whrT = proj ? w_hr->t().contiguous() : at::Tensor();
     const typename K::Weight whhT_w(whhT), whrT_w(whrT);
-    for (int64_t s = 0; s < T && B > 0; ++s) {
-      const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
-      const int64_t m = len.rows[t];
-      K::step_gemm(whhT_w, m, at_step(hs, ip), P, 1.0, at_step(gates, t), G);
+    auto time = [&](int64_t s) { return reverse ? T - 1 - s : s; };
+    auto gemm_of = [&](int64_t s) {
+      const int64_t t = time(s), ip = reverse ? t + 1 : t;
+      return StepGemm{len.rows[t], at_step(hs, ip), P, 1.0, at_step(gates, t), G};
+    };
+    auto point = [&](int64_t s) {
+      const int64_t t = time(s), ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
       K::lstm_forward_step(dtype, t, len.ptr(), B, H, at_step(gates, t), at_step(cs, ip),
                            at_step(cs, in), proj ? nullptr : at_step(hs, ip),
                            proj ? at_step(ms, t) : at_step(hs, in),
                            proj ? nullptr : at_step(out, t));
       if (proj) {
-        K::step_gemm(whrT_w, m, at_step(ms, t), H, 0.0, at_step(out, t), P);
+        K::step_gemm(whrT_w, len.rows[t], at_step(ms, t), H, 0.0, at_step(out, t), P);
         K::select_step(dtype, t, len.ptr(), B, P, at_step(out, t), at_step(hs, ip),
                        at_step(hs, in));
       }
-    }
+    };
+    if (B > 0) K::time_loop(whhT_w, T, B, gemm_of, point);
     const int64_t last = reverse ? 0 : T;
     return {out, hs[last].clone(), cs[last].clone(), gates, hs, cs, ms};
   }
@@ -289,12 +317,17 @@ struct Layers {
     hs[reverse ? T : 0].copy_(h0);
     const at::Tensor whhT = w_hh.t().contiguous();
     const typename K::Weight whhT_w(whhT);
-    for (int64_t s = 0; s < T && B > 0; ++s) {
-      const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
-      K::step_gemm(whhT_w, len.rows[t], at_step(hs, ip), H, 0.0, gh.data_ptr(), G);
+    auto time = [&](int64_t s) { return reverse ? T - 1 - s : s; };
+    auto gemm_of = [&](int64_t s) {
+      const int64_t t = time(s), ip = reverse ? t + 1 : t;
+      return StepGemm{len.rows[t], at_step(hs, ip), H, 0.0, gh.data_ptr(), G};
+    };
+    auto point = [&](int64_t s) {
+      const int64_t t = time(s), ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
       K::gru_forward_step(dtype, t, len.ptr(), B, H, at_step(gi, t), gh.data_ptr(), cptr(b_hn),
                           at_step(hs, ip), at_step(ws, t), at_step(hs, in), at_step(out, t));
-    }
+    };
+    if (B > 0) K::time_loop(whhT_w, T, B, gemm_of, point);
     return {out, hs[reverse ? 0 : T].clone(), ws, hs};
   }
 
@@ -344,12 +377,17 @@ struct Layers {
     hs[reverse ? T : 0].copy_(h0);
     const at::Tensor whhT = w_hh.t().contiguous();
     const typename K::Weight whhT_w(whhT);
-    for (int64_t s = 0; s < T && B > 0; ++s) {
-      const int64_t t = reverse ? T - 1 - s : s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
-      K::step_gemm(whhT_w, len.rows[t], at_step(hs, ip), H, 1.0, at_step(pre, t), H);
+    auto time = [&](int64_t s) { return reverse ? T - 1 - s : s; };
+    auto gemm_of = [&](int64_t s) {
+      const int64_t t = time(s), ip = reverse ? t + 1 : t;
+      return StepGemm{len.rows[t], at_step(hs, ip), H, 1.0, at_step(pre, t), H};
+    };
+    auto point = [&](int64_t s) {
+      const int64_t t = time(s), ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
       K::rnn_forward_step(dtype, relu, t, len.ptr(), B, H, at_step(pre, t), at_step(hs, ip),
                           at_step(hs, in), at_step(out, t));
-    }
+    };
+    if (B > 0) K::time_loop(whhT_w, T, B, gemm_of, point);
     return {out, hs[reverse ? 0 : T].clone(), hs};
   }
 

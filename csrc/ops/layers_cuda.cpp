@@ -32,6 +32,11 @@ struct CudaLayerKernels {
     aten_gemm(w.w.options(), false, false, M, w.w.size(1), w.w.size(0), A, lda, w.w.data_ptr(),
               w.w.size(1), beta, C, ldc);
   }
+  template <class GemmOf, class Point>
+  static void time_loop(const Weight& w, int64_t T, int64_t, const GemmOf& gemm_of,
+                        const Point& point) {
+    serial_time_loop(&step_gemm, w, T, gemm_of, point);
+  }
   static constexpr OnStream<&cuda::lstm_layer_forward_step> lstm_forward_step{};
   static constexpr OnStream<&cuda::lstm_layer_backward_step> lstm_backward_step{};
   static constexpr OnStream<&cuda::layer_select_step> select_step{};
