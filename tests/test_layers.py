@@ -35,6 +35,10 @@ CONFIGS = {
     "H97": (2, 2, 5, 97, [2, 1], False, True),
     "empty_batch": (3, 0, 4, 7, None, False, True),
     "T0": (0, 2, 4, 7, [0, 0], False, True),
+    # fp32, B <= 2 and a step weight of 2^15+ elements: the CPU forward loop runs in a thread team
+    # (csrc/ops/layers.cpp, time_loop), hidden units split between threads (lstm_proj: columns).
+    "team_B2": (3, 2, 8, 192, [3, 1], True, True),
+    "team_B1": (4, 1, 8, 192, None, False, True),
 }
 # The Triton interpreter runs every op of every step in Python (~1 s per small layer call):
 # the same cases, smaller.
@@ -48,7 +52,7 @@ TRITON_CONFIGS = {
     "empty_batch": (2, 0, 3, 5, None, False, True),
     "T0": (0, 2, 3, 5, [0, 0], False, True),
 }
-LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97"]
+LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1"]
 TRITON_LOW_PRECISION_CONFIGS = ["unsorted_zero_rev"]
 
 

@@ -37,7 +37,7 @@ inline void vcopy(const T* src, T* dst, int64_t n) {
 
 template <class T>
 void lstm_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, T* gates, const T* c_prev,
-              T* c_new, const T* h_prev, T* h_new, T* out) {
+              T* c_new, const T* h_prev, T* h_new, T* out, int64_t u0 = 0, int64_t u1 = -1) {
   using V = OpVec<T>;
   for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
     const int64_t o = b * H + j;
@@ -63,7 +63,7 @@ void lstm_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, T* gates, con
     vstore(c_new + o, c, n);
     vstore(h_new + o, h, n);
     if (out) vstore(out + o, h, n);
-  });
+  }, u0, u1);
 }
 
 template <class T>
@@ -130,7 +130,8 @@ void grad(int64_t t, const int64_t* len, int64_t B, int64_t P, const T* dh, cons
 
 template <class T>
 void gru_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* gi, const T* gh,
-             const T* b_hn, const T* h_prev, T* ws, T* h_new, T* out) {
+             const T* b_hn, const T* h_prev, T* ws, T* h_new, T* out, int64_t u0 = 0,
+             int64_t u1 = -1) {
   using V = OpVec<T>;
   for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
     const int64_t o = b * H + j;
@@ -155,7 +156,7 @@ void gru_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* gi, c
     vstore(w + 3 * H + j, a.hn, n);
     vstore(h_new + o, hy, n);
     vstore(out + o, hy, n);
-  });
+  }, u0, u1);
 }
 
 template <class T>
@@ -192,7 +193,7 @@ void gru_bwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* ws, c
 
 template <class T, bool kRelu>
 void rnn_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* pre, const T* h_prev,
-             T* h_new, T* out) {
+             T* h_new, T* out, int64_t u0 = 0, int64_t u1 = -1) {
   for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
     const int64_t o = b * H + j;
     if (!valid(len, t, b)) {
@@ -203,7 +204,7 @@ void rnn_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* pre, 
     const auto h = math::rnn_activate<OpVec<T>, kRelu>(vload(pre + o, n));
     vstore(h_new + o, h, n);
     vstore(out + o, h, n);
-  });
+  }, u0, u1);
 }
 
 template <class T, bool kRelu>
@@ -234,14 +235,22 @@ const T* p(const void* x) {
 
 }  // namespace
 
-void lstm_layer_forward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
-                             void* gates, const void* c_prev, void* c_new, const void* h_prev,
-                             void* h_new, void* out) {
+void lstm_layer_forward_units(int64_t u0, int64_t u1, DType dtype, int64_t t,
+                              const int64_t* lengths, int64_t B, int64_t H, void* gates,
+                              const void* c_prev, void* c_new, const void* h_prev, void* h_new,
+                              void* out) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     lstm_fwd<T>(t, lengths, B, H, p<T>(gates), p<T>(c_prev), p<T>(c_new), p<T>(h_prev),
-                p<T>(h_new), p<T>(out));
+                p<T>(h_new), p<T>(out), u0, u1);
   });
+}
+
+void lstm_layer_forward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
+                             void* gates, const void* c_prev, void* c_new, const void* h_prev,
+                             void* h_new, void* out) {
+  lstm_layer_forward_units(0, H, dtype, t, lengths, B, H, gates, c_prev, c_new, h_prev, h_new,
+                           out);
 }
 
 void lstm_layer_backward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B,
@@ -271,14 +280,21 @@ void layer_grad_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, 
   });
 }
 
-void gru_layer_forward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
-                            const void* gi, const void* gh, const void* b_hn, const void* h_prev,
-                            void* ws, void* h_new, void* out) {
+void gru_layer_forward_units(int64_t u0, int64_t u1, DType dtype, int64_t t,
+                             const int64_t* lengths, int64_t B, int64_t H, const void* gi,
+                             const void* gh, const void* b_hn, const void* h_prev, void* ws,
+                             void* h_new, void* out) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     gru_fwd<T>(t, lengths, B, H, p<T>(gi), p<T>(gh), p<T>(b_hn), p<T>(h_prev), p<T>(ws),
-               p<T>(h_new), p<T>(out));
+               p<T>(h_new), p<T>(out), u0, u1);
   });
+}
+
+void gru_layer_forward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
+                            const void* gi, const void* gh, const void* b_hn, const void* h_prev,
+                            void* ws, void* h_new, void* out) {
+  gru_layer_forward_units(0, H, dtype, t, lengths, B, H, gi, gh, b_hn, h_prev, ws, h_new, out);
 }
 
 void gru_layer_backward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
@@ -291,17 +307,24 @@ void gru_layer_backward_step(DType dtype, int64_t t, const int64_t* lengths, int
   });
 }
 
-void rnn_layer_forward_step(DType dtype, bool relu, int64_t t, const int64_t* lengths, int64_t B,
-                            int64_t H, const void* pre, const void* h_prev, void* h_new,
-                            void* out) {
+void rnn_layer_forward_units(int64_t u0, int64_t u1, DType dtype, bool relu, int64_t t,
+                             const int64_t* lengths, int64_t B, int64_t H, const void* pre,
+                             const void* h_prev, void* h_new, void* out) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (relu) {
-      rnn_fwd<T, true>(t, lengths, B, H, p<T>(pre), p<T>(h_prev), p<T>(h_new), p<T>(out));
+      rnn_fwd<T, true>(t, lengths, B, H, p<T>(pre), p<T>(h_prev), p<T>(h_new), p<T>(out), u0, u1);
     } else {
-      rnn_fwd<T, false>(t, lengths, B, H, p<T>(pre), p<T>(h_prev), p<T>(h_new), p<T>(out));
+      rnn_fwd<T, false>(t, lengths, B, H, p<T>(pre), p<T>(h_prev), p<T>(h_new), p<T>(out), u0,
+                        u1);
     }
   });
+}
+
+void rnn_layer_forward_step(DType dtype, bool relu, int64_t t, const int64_t* lengths, int64_t B,
+                            int64_t H, const void* pre, const void* h_prev, void* h_new,
+                            void* out) {
+  rnn_layer_forward_units(0, H, dtype, relu, t, lengths, B, H, pre, h_prev, h_new, out);
 }
 
 void rnn_layer_backward_step(DType dtype, bool relu, int64_t t, const int64_t* lengths, int64_t B,

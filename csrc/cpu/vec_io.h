@@ -65,20 +65,23 @@ inline OpVec<T> vbias(const T* b_ih, const T* b_hh, int64_t k, int64_t n) {
   return s;
 }
 
-// Runs fn(b, j, n) over every row b < B and lane group [j, j+n) of a row of H elements, the two
-// cores splitting the rows (or, for small batches, the lane groups).
+// Runs fn(b, j, n) over every row b < B and lane group [j, j+n) of the elements [u0, u1) of a row
+// (default: all H), the two cores splitting the rows (or, for small batches, the lane groups).
+// u0 must be a multiple of the lane count (the layers' thread team passes multiples of 16).
 template <class T, class Fn>
-inline void for_each_lane_group(int64_t B, int64_t H, const Fn& fn) {
+inline void for_each_lane_group(int64_t B, int64_t H, const Fn& fn, int64_t u0 = 0,
+                                int64_t u1 = -1) {
   const int64_t L = kLanes<T>;
-  const int64_t groups = (H + L - 1) / L;
+  const int64_t end = u1 < 0 ? H : u1;
+  const int64_t groups = (end - u0 + L - 1) / L;
   const int64_t total = B * groups;
   // ~256 lane groups (2k elements, ~10 us of gate math) per task: smaller cells stay on one
   // thread, where the fork (a few microseconds) would cost more than it saves.
-  at::parallel_for(0, total, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+  at::parallel_for(0, total, 256, [&](int64_t begin, int64_t stop) {
+    for (int64_t t = begin; t < stop; ++t) {
       const int64_t b = t / groups;
-      const int64_t j = (t - b * groups) * L;
-      fn(b, j, std::min(L, H - j));
+      const int64_t j = u0 + (t - b * groups) * L;
+      fn(b, j, std::min(L, end - j));
     }
   });
 }

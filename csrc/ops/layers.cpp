@@ -162,43 +162,57 @@ struct CpuLayerKernels {
 
   // The forward time loops. At one or two batch rows (fp32) a step is a GEMV over W_hh, a few
   // microseconds, and forking threads for it costs as much: there one OpenMP team runs the whole
-  // loop, each thread multiplying its own column slice of W_hh every step (so the slice stays in
-  // its core's L2), then a barrier, the step's gate kernel on thread 0, a barrier. Measured at
-  // T=200 B=1 H=128, 2 threads: LSTM 0.85 -> 0.73 ms, GRU 0.69 -> 0.62; the RNN's 128 x 128
-  // GEMV (16k multiply-adds) got slower (0.27 -> 0.32: two barriers cost more than its half), so
-  // smaller weights than kTeamMinWeight keep the serial loop. Above two rows the team was tried
-  // with MKL's packed GEMM on per-thread slices and gained nothing (bench/NOTES.md).
+  // loop. Each thread owns a range of hidden units: every step it multiplies the columns of W_hh
+  // of its units' G gates (so that slice stays in its core's L2), runs the gate kernel on its
+  // units, and meets the others at one barrier (h_t complete). With a projection (G = 0) the
+  // gate kernel needs the whole GEMM: column slices, a barrier, the kernel on thread 0, a barrier.
+  // Measured at T=200 B=1 H=128, 2 threads (bench/NOTES.md): LSTM 0.85 -> 0.73 ms with two
+  // barriers; the RNN's 128 x 128 GEMV (16k multiply-adds) got slower, so weights smaller than
+  // kTeamMinWeight keep the serial loop. Above two rows the team was tried with MKL's packed
+  // GEMM on per-thread slices and gained nothing.
   template <class GemmOf, class Point>
-  static void time_loop(const Weight& w, int64_t T, int64_t B, const GemmOf& gemm_of,
-                        const Point& point) {
+  static void time_loop(const Weight& w, int64_t T, int64_t B, int64_t H, int G,
+                        const GemmOf& gemm_of, const Point& point) {
     const int threads = at::get_num_threads();
     if (threads < 2 || B > kSmallBatch || !w.w.defined() || w.w.scalar_type() != at::kFloat ||
         at::in_parallel_region() || w.w.numel() < kTeamMinWeight) {
-      serial_time_loop(&step_gemm, w, T, gemm_of, point);
+      serial_time_loop(&step_gemm, w, T, H, gemm_of, point);
       return;
     }
     const int64_t K = w.w.size(0), N = w.w.size(1);
-    const int64_t chunk = ((N + threads - 1) / threads + 15) / 16 * 16;
-    const int team = static_cast<int>((N + chunk - 1) / chunk);
+    const int64_t span = G > 0 ? H : N;  // what the threads split: units, or columns
+    const int64_t chunk = ((span + threads - 1) / threads + 15) / 16 * 16;
+    const int team = static_cast<int>((span + chunk - 1) / chunk);
     const float* wp = w.w.data_ptr<float>();
 #pragma omp parallel num_threads(team)
     {
-      const int64_t n0 = omp_get_thread_num() * chunk, nw = std::min(chunk, N - n0);
+      const int64_t c0 = omp_get_thread_num() * chunk, c1 = std::min(c0 + chunk, span);
       for (int64_t s = 0; s < T; ++s) {
         const StepGemm g = gemm_of(s);
-        if (g.m > 0) {
-          cpu::small_gemm_f32(false, g.m, nw, K, static_cast<const float*>(g.A), g.lda, wp + n0,
-                              N, static_cast<float>(g.beta), static_cast<float*>(g.C) + n0,
-                              g.ldc);
-        }
+        const auto* a = static_cast<const float*>(g.A);
+        auto* c = static_cast<float*>(g.C);
+        const float beta = static_cast<float>(g.beta);
+        if (G > 0) {
+          for (int q = 0; q < G && g.m > 0; ++q) {
+            cpu::small_gemm_f32(false, g.m, c1 - c0, K, a, g.lda, wp + q * H + c0, N, beta,
+                                c + q * H + c0, g.ldc);
+          }
+          point(s, c0, c1);
+        } else {
+          if (g.m > 0) cpu::small_gemm_f32(false, g.m, c1 - c0, K, a, g.lda, wp + c0, N, beta,
+                                           c + c0, g.ldc);
 #pragma omp barrier
-        if (n0 == 0) point(s);
+          if (c0 == 0) point(s, int64_t(0), H);
+        }
 #pragma omp barrier
       }
     }
   }
 
   static constexpr auto lstm_forward_step = &cpu::lstm_layer_forward_step;
+  static constexpr auto lstm_forward_units = &cpu::lstm_layer_forward_units;
+  static constexpr auto gru_forward_units = &cpu::gru_layer_forward_units;
+  static constexpr auto rnn_forward_units = &cpu::rnn_layer_forward_units;
   static constexpr auto lstm_backward_step = &cpu::lstm_layer_backward_step;
   static constexpr auto select_step = &cpu::layer_select_step;
   static constexpr auto grad_step = &cpu::layer_grad_step;

@@ -153,8 +153,11 @@ inline char* at_step(const at::Tensor& t, int64_t i) {
 
 // K::Weight(w): a step GEMM's weight w [K, N] (row-major, contiguous or undefined), prepared
 // once per op call; K::step_gemm(w, M, A, lda, beta, C, ldc): C[M, N] = A[M, K] w + beta C.
-// K::time_loop(w, T, B, gemm_of, point): for s < T, the step GEMM gemm_of(s) with weight w, then
-// point(s), the step's fused gate kernel (the CPU's is in csrc/ops/layers.cpp).
+// K::time_loop(w, T, B, H, G, gemm_of, point): for s < T, the step GEMM gemm_of(s) with weight w,
+// then point(s, u0, u1), the step's fused gate kernel on hidden units [u0, u1) of every row. G > 0:
+// w's columns are G blocks of H, one per gate, and point needs only the columns of its units, so
+// a backend may split the units between threads; G = 0: point needs the whole GEMM (0, H).
+// (The CPU's time loop is in csrc/ops/layers.cpp.)
 
 // One step GEMM's operands: C[m, N] = A[m, K] w + beta C.
 struct StepGemm {
@@ -168,12 +171,12 @@ struct StepGemm {
 
 // The time loop any backend can run: one step GEMM, then the step's kernel.
 template <class Weight, class StepGemmFn, class GemmOf, class Point>
-void serial_time_loop(const StepGemmFn& step_gemm, const Weight& w, int64_t T, const GemmOf& gemm_of,
-                      const Point& point) {
+void serial_time_loop(const StepGemmFn& step_gemm, const Weight& w, int64_t T, int64_t H,
+                      const GemmOf& gemm_of, const Point& point) {
   for (int64_t s = 0; s < T; ++s) {
     const StepGemm g = gemm_of(s);
     step_gemm(w, g.m, g.A, g.lda, g.beta, g.C, g.ldc);
-    point(s);
+    point(s, int64_t(0), H);
   }
 }
 
@@ -222,19 +225,19 @@ struct Layers {
       const int64_t t = time(s), ip = reverse ? t + 1 : t;
       return StepGemm{len.rows[t], at_step(hs, ip), P, 1.0, at_step(gates, t), G};
     };
-    auto point = [&](int64_t s) {
+    auto point = [&](int64_t s, int64_t u0, int64_t u1) {
       const int64_t t = time(s), ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
-      K::lstm_forward_step(dtype, t, len.ptr(), B, H, at_step(gates, t), at_step(cs, ip),
-                           at_step(cs, in), proj ? nullptr : at_step(hs, ip),
-                           proj ? at_step(ms, t) : at_step(hs, in),
-                           proj ? nullptr : at_step(out, t));
+      K::lstm_forward_units(u0, u1, dtype, t, len.ptr(), B, H, at_step(gates, t), at_step(cs, ip),
+                            at_step(cs, in), proj ? nullptr : at_step(hs, ip),
+                            proj ? at_step(ms, t) : at_step(hs, in),
+                            proj ? nullptr : at_step(out, t));
       if (proj) {
         K::step_gemm(whrT_w, len.rows[t], at_step(ms, t), H, 0.0, at_step(out, t), P);
         K::select_step(dtype, t, len.ptr(), B, P, at_step(out, t), at_step(hs, ip),
                        at_step(hs, in));
       }
     };
-    if (B > 0) K::time_loop(whhT_w, T, B, gemm_of, point);
+    if (B > 0) K::time_loop(whhT_w, T, B, H, proj ? 0 : 4, gemm_of, point);
     const int64_t last = reverse ? 0 : T;
     return {out, hs[last].clone(), cs[last].clone(), gates, hs, cs, ms};
   }
@@ -322,12 +325,13 @@ struct Layers {
       const int64_t t = time(s), ip = reverse ? t + 1 : t;
       return StepGemm{len.rows[t], at_step(hs, ip), H, 0.0, gh.data_ptr(), G};
     };
-    auto point = [&](int64_t s) {
+    auto point = [&](int64_t s, int64_t u0, int64_t u1) {
       const int64_t t = time(s), ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
-      K::gru_forward_step(dtype, t, len.ptr(), B, H, at_step(gi, t), gh.data_ptr(), cptr(b_hn),
-                          at_step(hs, ip), at_step(ws, t), at_step(hs, in), at_step(out, t));
+      K::gru_forward_units(u0, u1, dtype, t, len.ptr(), B, H, at_step(gi, t), gh.data_ptr(),
+                           cptr(b_hn), at_step(hs, ip), at_step(ws, t), at_step(hs, in),
+                           at_step(out, t));
     };
-    if (B > 0) K::time_loop(whhT_w, T, B, gemm_of, point);
+    if (B > 0) K::time_loop(whhT_w, T, B, H, 3, gemm_of, point);
     return {out, hs[reverse ? 0 : T].clone(), ws, hs};
   }
 
@@ -382,12 +386,12 @@ struct Layers {
       const int64_t t = time(s), ip = reverse ? t + 1 : t;
       return StepGemm{len.rows[t], at_step(hs, ip), H, 1.0, at_step(pre, t), H};
     };
-    auto point = [&](int64_t s) {
+    auto point = [&](int64_t s, int64_t u0, int64_t u1) {
       const int64_t t = time(s), ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
-      K::rnn_forward_step(dtype, relu, t, len.ptr(), B, H, at_step(pre, t), at_step(hs, ip),
-                          at_step(hs, in), at_step(out, t));
+      K::rnn_forward_units(u0, u1, dtype, relu, t, len.ptr(), B, H, at_step(pre, t),
+                           at_step(hs, ip), at_step(hs, in), at_step(out, t));
     };
-    if (B > 0) K::time_loop(whhT_w, T, B, gemm_of, point);
+    if (B > 0) K::time_loop(whhT_w, T, B, H, 1, gemm_of, point);
     return {out, hs[reverse ? 0 : T].clone(), hs};
   }
 

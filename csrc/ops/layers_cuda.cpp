@@ -33,10 +33,17 @@ struct CudaLayerKernels {
               w.w.size(1), beta, C, ldc);
   }
   template <class GemmOf, class Point>
-  static void time_loop(const Weight& w, int64_t T, int64_t, const GemmOf& gemm_of,
+  static void time_loop(const Weight& w, int64_t T, int64_t, int64_t H, int, const GemmOf& gemm_of,
                         const Point& point) {
-    serial_time_loop(&step_gemm, w, T, gemm_of, point);
+    serial_time_loop(&step_gemm, w, T, H, gemm_of, point);
   }
+  // The serial loop always asks for all units: the unit range is the whole row.
+  template <class... A>
+  static void lstm_forward_units(int64_t, int64_t, A... a) { lstm_forward_step(a...); }
+  template <class... A>
+  static void gru_forward_units(int64_t, int64_t, A... a) { gru_forward_step(a...); }
+  template <class... A>
+  static void rnn_forward_units(int64_t, int64_t, A... a) { rnn_forward_step(a...); }
   static constexpr OnStream<&cuda::lstm_layer_forward_step> lstm_forward_step{};
   static constexpr OnStream<&cuda::lstm_layer_backward_step> lstm_backward_step{};
   static constexpr OnStream<&cuda::layer_select_step> select_step{};

@@ -67,6 +67,19 @@ namespace pyseqk {
 
 namespace cpu {
 PYSEQK_LAYER_KERNELS()
+// The forward step kernels restricted to the hidden units [u0, u1) of every row, u0 a multiple
+// of 16 (the CPU layers' thread team: each thread takes the units of its slice of W_hh).
+void lstm_layer_forward_units(int64_t u0, int64_t u1, DType dtype, int64_t t,
+                              const int64_t* lengths, int64_t B, int64_t H, void* gates,
+                              const void* c_prev, void* c_new, const void* h_prev, void* h_new,
+                              void* out);
+void gru_layer_forward_units(int64_t u0, int64_t u1, DType dtype, int64_t t,
+                             const int64_t* lengths, int64_t B, int64_t H, const void* gi,
+                             const void* gh, const void* b_hn, const void* h_prev, void* ws,
+                             void* h_new, void* out);
+void rnn_layer_forward_units(int64_t u0, int64_t u1, DType dtype, bool relu, int64_t t,
+                             const int64_t* lengths, int64_t B, int64_t H, const void* pre,
+                             const void* h_prev, void* h_new, void* out);
 // Row-major C[M, N] = A[M, K] op(B) + beta C for a tiny M (fp32, one thread): op(B) = B^T with
 // B [N, K] when tb, else B [K, N].
 void small_gemm_f32(bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
