@@ -9,7 +9,9 @@
 //    sm_90 runs, without wgmma/TMA, see bench/NOTES.md). Each warp owns 16 rows; the score tile
 //    stays in the mma accumulator layout and is repacked in registers as the A operand of the
 //    next product (P @ V, dS @ K, ...), as FlashAttention-2 does. Head dims are padded with
-//    zeros to a bucket: 64, 128, 256 forward; 64, 128 backward.
+//    zeros to a bucket: 64, 128, 256 forward; 64, 128 backward. Tiles reach shared memory by
+//    16-byte loads (cp.async, two K/V pairs deep, in the forward and dQ kernels: KvTiles) and
+//    fragments leave it by ldmatrix. Measured on an H200: bench/NOTES.md, "First GPU run".
 //  * SIMT (FMA), every dtype and head dim <= 256: fp32 and fp64 inputs, and fp16/bf16 head dims
 //    above 128 in the backward (register budget). 16 x 16 tiles, fp32 (fp64) in shared memory.
 // Scores live in the log2 domain (scale * log2 e folded into one multiply) so softmax is exp2.
