@@ -8,6 +8,11 @@
 # The extension: a prebuilt .gpu/_C.abi3.so (built here against the same torch version as the
 # GPU machine's, carried with the call) is tried first; if it does not load, it is built there
 # for the local arch only. Logs and results go to $OUT (the device tool brings them back).
+# Prebuilding (no device time spent compiling), e.g. for torch 2.11.0+cu130 on an H200:
+#   python3.11 -m venv /tmp/v && /tmp/v/bin/pip install torch==2.11.0 numpy ninja
+#   TORCH_CUDA_ARCH_LIST=9.0 /tmp/v/bin/python setup.py build_ext --inplace   (in a worktree)
+#   strip --strip-debug -o .gpu/_C.abi3.so pyseqk/_C.cpython-311-x86_64-linux-gnu.so
+# The module's init uses only PyModule_Create, so a cpython-311 build loads under 3.12 as abi3.
 set -u -o pipefail
 OUT=${OUT:-/tmp/pyseqk-gpu}
 mkdir -p "$OUT"
