@@ -151,6 +151,17 @@ inline char* at_step(const at::Tensor& t, int64_t i) {
   return static_cast<char*>(t.data_ptr()) + i * t.stride(0) * t.element_size();
 }
 
+// Step s of a time loop over T steps: the time index t, the state slot it reads (ip, the
+// previous state) and the one it writes (in). States live in [T + 1, ...] buffers; a reverse
+// layer runs t = T-1 .. 0 and reads slot t + 1.
+struct Slots {
+  int64_t t, ip, in;
+};
+inline Slots slots(int64_t s, int64_t T, bool reverse) {
+  const int64_t t = reverse ? T - 1 - s : s;
+  return {t, reverse ? t + 1 : t, reverse ? t : t + 1};
+}
+
 // K::Weight(w): a step GEMM's weight w [K, N] (row-major, contiguous or undefined), prepared
 // once per op call; K::step_gemm(w, M, A, lda, beta, C, ldc): C[M, N] = A[M, K] w + beta C.
 // K::time_loop(w, T, B, H, G, gemm_of, point): for s < T, the step GEMM gemm_of(s) with weight w,
@@ -220,13 +231,12 @@ struct Layers {
     const at::Tensor whhT = w_hh.t().contiguous();
     const at::Tensor whrT = proj ? w_hr->t().contiguous() : at::Tensor();
     const typename K::Weight whhT_w(whhT), whrT_w(whrT);
-    auto time = [&](int64_t s) { return reverse ? T - 1 - s : s; };
     auto gemm_of = [&](int64_t s) {
-      const int64_t t = time(s), ip = reverse ? t + 1 : t;
-      return StepGemm{len.rows[t], at_step(hs, ip), P, 1.0, at_step(gates, t), G};
+      const Slots k = slots(s, T, reverse);
+      return StepGemm{len.rows[k.t], at_step(hs, k.ip), P, 1.0, at_step(gates, k.t), G};
     };
     auto point = [&](int64_t s, int64_t u0, int64_t u1) {
-      const int64_t t = time(s), ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
+      const auto [t, ip, in] = slots(s, T, reverse);
       K::lstm_forward_units(u0, u1, dtype, t, len.ptr(), B, H, at_step(gates, t), at_step(cs, ip),
                             at_step(cs, in), proj ? nullptr : at_step(hs, ip),
                             proj ? at_step(ms, t) : at_step(hs, in),
@@ -320,13 +330,12 @@ struct Layers {
     hs[reverse ? T : 0].copy_(h0);
     const at::Tensor whhT = w_hh.t().contiguous();
     const typename K::Weight whhT_w(whhT);
-    auto time = [&](int64_t s) { return reverse ? T - 1 - s : s; };
     auto gemm_of = [&](int64_t s) {
-      const int64_t t = time(s), ip = reverse ? t + 1 : t;
-      return StepGemm{len.rows[t], at_step(hs, ip), H, 0.0, gh.data_ptr(), G};
+      const Slots k = slots(s, T, reverse);
+      return StepGemm{len.rows[k.t], at_step(hs, k.ip), H, 0.0, gh.data_ptr(), G};
     };
     auto point = [&](int64_t s, int64_t u0, int64_t u1) {
-      const int64_t t = time(s), ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
+      const auto [t, ip, in] = slots(s, T, reverse);
       K::gru_forward_units(u0, u1, dtype, t, len.ptr(), B, H, at_step(gi, t), gh.data_ptr(),
                            cptr(b_hn), at_step(hs, ip), at_step(ws, t), at_step(hs, in),
                            at_step(out, t));
@@ -381,13 +390,12 @@ struct Layers {
     hs[reverse ? T : 0].copy_(h0);
     const at::Tensor whhT = w_hh.t().contiguous();
     const typename K::Weight whhT_w(whhT);
-    auto time = [&](int64_t s) { return reverse ? T - 1 - s : s; };
     auto gemm_of = [&](int64_t s) {
-      const int64_t t = time(s), ip = reverse ? t + 1 : t;
-      return StepGemm{len.rows[t], at_step(hs, ip), H, 1.0, at_step(pre, t), H};
+      const Slots k = slots(s, T, reverse);
+      return StepGemm{len.rows[k.t], at_step(hs, k.ip), H, 1.0, at_step(pre, k.t), H};
     };
     auto point = [&](int64_t s, int64_t u0, int64_t u1) {
-      const int64_t t = time(s), ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
+      const auto [t, ip, in] = slots(s, T, reverse);
       K::rnn_forward_units(u0, u1, dtype, relu, t, len.ptr(), B, H, at_step(pre, t),
                            at_step(hs, ip), at_step(hs, in), at_step(out, t));
     };
