@@ -125,13 +125,15 @@ struct CpuLayerKernels {
     aten_gemm(like.options(), ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
   }
 
-  // A step weight w [K, N]; fp32 weights of batches above kSmallBatch are also packed for MKL
-  // (column-major: w is the left operand, "A", of C^T = w^T-as-stored x A^T).
+  // A step weight w [K, N]; fp32 weights of GEMMs above kSmallBatch rows are also packed for MKL
+  // (column-major: w is the left operand, "A", of C^T = w^T-as-stored x A^T). Smaller batches
+  // never use a packed copy (their steps are cpu::small_gemm_f32), so none is made.
   struct Weight {
     at::Tensor w, packed;
     int k = 0, n = 0;
-    explicit Weight(const at::Tensor& w_) : w(w_) {
-      if (!w.defined() || w.scalar_type() != at::kFloat || !blas().pack || !blas().compute ||
+    Weight(const at::Tensor& w_, int64_t rows) : w(w_) {
+      if (rows <= kSmallBatch || !w.defined() || w.scalar_type() != at::kFloat || !blas().pack ||
+          !blas().compute ||
           !blas().pack_size || w.numel() == 0 || w.size(0) >= INT_MAX || w.size(1) >= INT_MAX) {
         return;
       }

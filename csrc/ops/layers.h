@@ -162,8 +162,8 @@ inline Slots slots(int64_t s, int64_t T, bool reverse) {
   return {t, reverse ? t + 1 : t, reverse ? t : t + 1};
 }
 
-// K::Weight(w): a step GEMM's weight w [K, N] (row-major, contiguous or undefined), prepared
-// once per op call; K::step_gemm(w, M, A, lda, beta, C, ldc): C[M, N] = A[M, K] w + beta C.
+// K::Weight(w, rows): a step GEMM's weight w [K, N] (row-major, contiguous or undefined) for
+// GEMMs of up to `rows` rows, prepared once per op call; K::step_gemm(w, M, A, lda, beta, C, ldc): C[M, N] = A[M, K] w + beta C.
 // K::time_loop(w, T, B, H, G, gemm_of, point): for s < T, the step GEMM gemm_of(s) with weight w,
 // then point(s, u0, u1), the step's fused gate kernel on hidden units [u0, u1) of every row. G > 0:
 // w's columns are G blocks of H, one per gate, and point needs only the columns of its units, so
@@ -230,7 +230,7 @@ struct Layers {
     // form), which the tiny-batch GEMV needs and BLAS does not mind.
     const at::Tensor whhT = w_hh.t().contiguous();
     const at::Tensor whrT = proj ? w_hr->t().contiguous() : at::Tensor();
-    const typename K::Weight whhT_w(whhT), whrT_w(whrT);
+    const typename K::Weight whhT_w(whhT, B), whrT_w(whrT, B);
     auto gemm_of = [&](int64_t s) {
       const Slots k = slots(s, T, reverse);
       return StepGemm{len.rows[k.t], at_step(hs, k.ip), P, 1.0, at_step(gates, k.t), G};
@@ -276,7 +276,7 @@ struct Layers {
     at::Tensor dm = at::empty({proj ? B : 0, H}, opts);
     const at::Tensor whh = w_hh.contiguous();
     const at::Tensor whr = proj ? w_hr->contiguous() : at::Tensor();
-    const typename K::Weight whh_w(whh), whr_w(whr);
+    const typename K::Weight whh_w(whh, B), whr_w(whr, B);
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? s : T - 1 - s, ip = reverse ? t + 1 : t, in = reverse ? t : t + 1;
       const int64_t m = len.rows[t];
@@ -329,7 +329,7 @@ struct Layers {
     at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
     hs[reverse ? T : 0].copy_(h0);
     const at::Tensor whhT = w_hh.t().contiguous();
-    const typename K::Weight whhT_w(whhT);
+    const typename K::Weight whhT_w(whhT, B);
     auto gemm_of = [&](int64_t s) {
       const Slots k = slots(s, T, reverse);
       return StepGemm{len.rows[k.t], at_step(hs, k.ip), H, 0.0, gh.data_ptr(), G};
@@ -359,7 +359,7 @@ struct Layers {
     const at::Tensor go = has(grad_output) ? grad_output->contiguous() : at::Tensor();
     at::Tensor dgi = at::empty({T, B, G}, opts), dgh = at::empty({T, B, G}, opts);
     const at::Tensor whh = w_hh.contiguous();
-    const typename K::Weight whh_w(whh);
+    const typename K::Weight whh_w(whh, B);
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? s : T - 1 - s, ip = reverse ? t + 1 : t;
       K::gru_backward_step(dtype, t, len.ptr(), B, H, at_step(ws, t), at_step(hs, ip),
@@ -389,7 +389,7 @@ struct Layers {
     at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
     hs[reverse ? T : 0].copy_(h0);
     const at::Tensor whhT = w_hh.t().contiguous();
-    const typename K::Weight whhT_w(whhT);
+    const typename K::Weight whhT_w(whhT, B);
     auto gemm_of = [&](int64_t s) {
       const Slots k = slots(s, T, reverse);
       return StepGemm{len.rows[k.t], at_step(hs, k.ip), H, 1.0, at_step(pre, k.t), H};
@@ -417,7 +417,7 @@ struct Layers {
     const at::Tensor go = has(grad_output) ? grad_output->contiguous() : at::Tensor();
     at::Tensor dP = at::empty({T, B, H}, opts);
     const at::Tensor whh = w_hh.contiguous();
-    const typename K::Weight whh_w(whh);
+    const typename K::Weight whh_w(whh, B);
     for (int64_t s = 0; s < T && B > 0; ++s) {
       const int64_t t = reverse ? s : T - 1 - s, in = reverse ? t : t + 1;
       K::rnn_backward_step(dtype, relu, t, len.ptr(), B, H, at_step(hs, in), dh.data_ptr(),

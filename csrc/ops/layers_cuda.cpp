@@ -23,7 +23,7 @@ struct CudaLayerKernels {
     c10::cuda::CUDAGuard guard;
   };
   struct Weight {
-    explicit Weight(const at::Tensor& w) : w(w) {}
+    Weight(const at::Tensor& w, int64_t) : w(w) {}
     at::Tensor w;  // [K, N] contiguous or undefined
   };
   // cuBLAS through ATen, on the current stream.
