@@ -37,7 +37,7 @@ inline void vcopy(const T* src, T* dst, int64_t n) {
 
 template <class T>
 void lstm_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, T* gates, const T* c_prev,
-              T* c_new, const T* h_prev, T* h_new, T* out, int64_t u0 = 0, int64_t u1 = -1) {
+              T* c_new, const T* h_prev, T* h_new, T* out, int64_t u0, int64_t u1) {
   using V = OpVec<T>;
   for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
     const int64_t o = b * H + j;
@@ -130,8 +130,8 @@ void grad(int64_t t, const int64_t* len, int64_t B, int64_t P, const T* dh, cons
 
 template <class T>
 void gru_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* gi, const T* gh,
-             const T* b_hn, const T* h_prev, T* ws, T* h_new, T* out, int64_t u0 = 0,
-             int64_t u1 = -1) {
+             const T* b_hn, const T* h_prev, T* ws, T* h_new, T* out, int64_t u0,
+             int64_t u1) {
   using V = OpVec<T>;
   for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
     const int64_t o = b * H + j;
@@ -193,7 +193,7 @@ void gru_bwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* ws, c
 
 template <class T, bool kRelu>
 void rnn_fwd(int64_t t, const int64_t* len, int64_t B, int64_t H, const T* pre, const T* h_prev,
-             T* h_new, T* out, int64_t u0 = 0, int64_t u1 = -1) {
+             T* h_new, T* out, int64_t u0, int64_t u1) {
   for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
     const int64_t o = b * H + j;
     if (!valid(len, t, b)) {
@@ -246,13 +246,6 @@ void lstm_layer_forward_units(int64_t u0, int64_t u1, DType dtype, int64_t t,
   });
 }
 
-void lstm_layer_forward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
-                             void* gates, const void* c_prev, void* c_new, const void* h_prev,
-                             void* h_new, void* out) {
-  lstm_layer_forward_units(0, H, dtype, t, lengths, B, H, gates, c_prev, c_new, h_prev, h_new,
-                           out);
-}
-
 void lstm_layer_backward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B,
                               int64_t H, const void* gates, const void* c_prev, const void* c_new,
                               const void* dh, const void* grad_out, void* dc, void* dgates,
@@ -291,12 +284,6 @@ void gru_layer_forward_units(int64_t u0, int64_t u1, DType dtype, int64_t t,
   });
 }
 
-void gru_layer_forward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
-                            const void* gi, const void* gh, const void* b_hn, const void* h_prev,
-                            void* ws, void* h_new, void* out) {
-  gru_layer_forward_units(0, H, dtype, t, lengths, B, H, gi, gh, b_hn, h_prev, ws, h_new, out);
-}
-
 void gru_layer_backward_step(DType dtype, int64_t t, const int64_t* lengths, int64_t B, int64_t H,
                              const void* ws, const void* h_prev, const void* dh,
                              const void* grad_out, void* dgi, void* dgh, void* dh_next) {
@@ -321,12 +308,6 @@ void rnn_layer_forward_units(int64_t u0, int64_t u1, DType dtype, bool relu, int
   });
 }
 
-void rnn_layer_forward_step(DType dtype, bool relu, int64_t t, const int64_t* lengths, int64_t B,
-                            int64_t H, const void* pre, const void* h_prev, void* h_new,
-                            void* out) {
-  rnn_layer_forward_units(0, H, dtype, relu, t, lengths, B, H, pre, h_prev, h_new, out);
-}
-
 void rnn_layer_backward_step(DType dtype, bool relu, int64_t t, const int64_t* lengths, int64_t B,
                              int64_t H, const void* h_new, const void* dh, const void* grad_out,
                              void* dpre, void* dh_next) {
@@ -346,9 +327,10 @@ void rnn_layer_backward_step(DType dtype, bool relu, int64_t t, const int64_t* l
 }  // namespace pyseqk
 
 // ---------------------------------------------------------------------------------------------
-// The recurrent GEMM of a tiny batch (B <= 4): a GEMV, where a BLAS call's fixed cost (argument
-// checks, kernel selection, thread handoff) is about the size of the work (B = 1, H = 128:
-// 65k multiply-adds, ~2 us). Single-threaded on purpose: the step's pointwise part is too.
+// The recurrent GEMM of a tiny batch (B <= 2, kSmallBatch in csrc/ops/layers.cpp): a GEMV, where a
+// BLAS call's fixed cost (argument checks, kernel selection, thread handoff) is about the size of
+// the work (B = 1, H = 128: 65k multiply-adds, ~2 us). Single-threaded: the layers' time loop
+// gives each thread of its team a column slice.
 namespace pyseqk {
 namespace cpu {
 

@@ -168,8 +168,8 @@ struct CpuLayerKernels {
   // of its units' G gates (so that slice stays in its core's L2), runs the gate kernel on its
   // units, and meets the others at one barrier (h_t complete). With a projection (G = 0) the
   // gate kernel needs the whole GEMM: column slices, a barrier, the kernel on thread 0, a barrier.
-  // Measured at T=200 B=1 H=128, 2 threads (bench/NOTES.md): LSTM 0.85 -> 0.73 ms with two
-  // barriers; the RNN's 128 x 128 GEMV (16k multiply-adds) got slower, so weights smaller than
+  // Measured at T=200 B=1 H=128, 2 threads (bench/NOTES.md): LSTM 0.85 -> 0.69 ms, GRU 0.69 ->
+  // 0.55; the RNN's 128 x 128 GEMV (16k multiply-adds) got slower, so weights smaller than
   // kTeamMinWeight keep the serial loop. Above two rows the team was tried with MKL's packed
   // GEMM on per-thread slices and gained nothing.
   template <class GemmOf, class Point>
@@ -211,16 +211,13 @@ struct CpuLayerKernels {
     }
   }
 
-  static constexpr auto lstm_forward_step = &cpu::lstm_layer_forward_step;
   static constexpr auto lstm_forward_units = &cpu::lstm_layer_forward_units;
   static constexpr auto gru_forward_units = &cpu::gru_layer_forward_units;
   static constexpr auto rnn_forward_units = &cpu::rnn_layer_forward_units;
   static constexpr auto lstm_backward_step = &cpu::lstm_layer_backward_step;
   static constexpr auto select_step = &cpu::layer_select_step;
   static constexpr auto grad_step = &cpu::layer_grad_step;
-  static constexpr auto gru_forward_step = &cpu::gru_layer_forward_step;
   static constexpr auto gru_backward_step = &cpu::gru_layer_backward_step;
-  static constexpr auto rnn_forward_step = &cpu::rnn_layer_forward_step;
   static constexpr auto rnn_backward_step = &cpu::rnn_layer_backward_step;
 };
 

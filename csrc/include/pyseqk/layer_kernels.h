@@ -67,8 +67,10 @@ namespace pyseqk {
 
 namespace cpu {
 PYSEQK_LAYER_KERNELS()
-// The forward step kernels restricted to the hidden units [u0, u1) of every row, u0 a multiple
-// of 16 (the CPU layers' thread team: each thread takes the units of its slice of W_hh).
+// The CPU's forward step kernels take the hidden units [u0, u1) of every row to work on, u0 a
+// multiple of 16 (the layers' thread team gives each thread the units of its slice of W_hh;
+// (0, H) is the whole step). They stand for the three *_forward_step above, which the CPU does
+// not define.
 void lstm_layer_forward_units(int64_t u0, int64_t u1, DType dtype, int64_t t,
                               const int64_t* lengths, int64_t B, int64_t H, void* gates,
                               const void* c_prev, void* c_new, const void* h_prev, void* h_new,
