@@ -114,7 +114,7 @@ def cases(preset: str, device: str = "cpu") -> list[Case]:
     shapes = SHAPES_CUDA if device == "cuda" and preset != "quick" else SHAPES[preset]
     for layer, mode, T, B, I, H, dtype in shapes:
         G = LAYERS[layer][1]
-        dt = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+        dt = str(dtype).removeprefix("torch.")
         flops, nbytes = layer_counts(G, T, B, I, H, mode == "fwdbwd", dtype.itemsize)
         name = f"{layer}_layer.{mode}.T{T}.B{B}.H{H}" + (f".I{I}" if I != H else "")
         name += "" if dtype == torch.float32 else f".{dt}"

@@ -163,7 +163,8 @@ inline Slots slots(int64_t s, int64_t T, bool reverse) {
 }
 
 // K::Weight(w, rows): a step GEMM's weight w [K, N] (row-major, contiguous or undefined) for
-// GEMMs of up to `rows` rows, prepared once per op call; K::step_gemm(w, M, A, lda, beta, C, ldc): C[M, N] = A[M, K] w + beta C.
+// GEMMs of up to `rows` rows, prepared once per op call.
+// K::step_gemm(w, M, A, lda, beta, C, ldc): C[M, N] = A[M, K] w + beta C.
 // K::time_loop(w, T, B, H, G, gemm_of, point): for s < T, the step GEMM gemm_of(s) with weight w,
 // then point(s, u0, u1), the step's fused gate kernel on hidden units [u0, u1) of every row. G > 0:
 // w's columns are G blocks of H, one per gate, and point needs only the columns of its units, so
