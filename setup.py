@@ -3,7 +3,8 @@
 Environment:
   PYSEQK_NO_CUDA=1         build the CPU-only extension even where CUDA is available
   TORCH_CUDA_ARCH_LIST     CUDA archs to compile for (default "8.0;9.0")
-  PYSEQK_CPU_ISA           "avx2" or "default" (default: avx2 when the build machine has AVX2+FMA)
+  PYSEQK_CPU_ISA           "avx512", "avx2" or "default" (default: the best of them the build
+                           machine has: AVX-512 F/BW/VL/DQ, else AVX2+FMA, else scalar)
   MAX_JOBS                 parallel compile jobs (read by torch.utils.cpp_extension)
 """
 import glob
@@ -26,6 +27,23 @@ def _cpu_has(*flags):
     except OSError:
         return False
     return all(flag in words for flag in flags)
+
+
+# ATen's Vectorized picks its implementation from the CPU_CAPABILITY macros (the flags torch
+# builds its own AVX2 / AVX512 kernels with); without them it is scalar. AVX-512 doubles the
+# lanes of every at::vec kernel (gate math, softmax, GEMV) on machines that have it.
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "default": [],
+}
+
+
+def _best_isa():
+    if _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"):
+        return "avx512"
+    return "avx2" if _cpu_has("avx2", "fma") else "default"
 
 
 def _nvcc():
@@ -64,9 +82,9 @@ def main():
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-    isa = os.environ.get("PYSEQK_CPU_ISA") or ("avx2" if _cpu_has("avx2", "fma") else "default")
-    if isa not in ("avx2", "default"):
-        raise SystemExit(f"PYSEQK_CPU_ISA must be 'avx2' or 'default', got {isa!r}")
+    isa = os.environ.get("PYSEQK_CPU_ISA") or _best_isa()
+    if isa not in ISA_FLAGS:
+        raise SystemExit(f"PYSEQK_CPU_ISA must be one of {sorted(ISA_FLAGS)}, got {isa!r}")
 
     sources = sorted(glob.glob("csrc/ops/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", f"-DPYSEQK_CPU_ISA=\"{isa}\""]
@@ -74,9 +92,7 @@ def main():
     # whole range on the calling thread. libgomp.so.1 is the one torch already loaded.
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     cxx += openmp
-    if isa == "avx2":
-        # ATen's Vectorized picks its implementation from these macros; without them it is scalar.
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    cxx += ISA_FLAGS[isa]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     define_macros = []
     if with_cuda:

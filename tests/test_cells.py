@@ -17,7 +17,9 @@ CELLS = {  # name: (gates, torch's own implementation)
     "rnn_relu_cell": (1, torch._VF.rnn_relu_cell),
 }
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-SHAPES = [(1, 1, 1), (3, 5, 97), (4, 16, 32), (7, 13, 40)]  # (B, I, H); B > 4: ATen's GEMM
+# (B, I, H). CPU gate sums: B <= 4 small_batch_gates, fp32 12 <= B <= 48 the transposed GEMM
+# (odd B and H: partial transpose tiles), else ATen's GEMM.
+SHAPES = [(1, 1, 1), (3, 5, 97), (4, 16, 32), (7, 13, 40), (17, 9, 33)]
 
 
 def make_args(name, B, I, H, dtype, device="cpu", bias=True, seed=0):

@@ -256,5 +256,23 @@ void rnn_cell_backward(DType dtype, bool relu, const void* hy, const void* dhy, 
   });
 }
 
+void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
+                   int64_t cols) {
+  // 16 x 16 tiles through registers (AVX-512; a plain loop elsewhere); ~256 tiles per task.
+  constexpr int64_t kTile = 16;
+  const int64_t row_tiles = (rows + kTile - 1) / kTile;
+  at::parallel_for(0, row_tiles, std::max<int64_t>(1, 65536 / (kTile * std::max<int64_t>(cols, 1))),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t rt = begin; rt < end; ++rt) {
+      const int64_t r0 = rt * kTile, nr = std::min(kTile, rows - r0);
+      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+        at::vec::transpose_mxn<float>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0,
+                                      ld_dst, static_cast<int>(nr),
+                                      static_cast<int>(std::min(kTile, cols - c0)));
+      }
+    }
+  });
+}
+
 }  // namespace cpu
 }  // namespace pyseqk

@@ -102,7 +102,8 @@ cell_gemm_backward(const at::Tensor& dgi, const at::Tensor& dgh, const at::Tenso
 }
 
 // out [B, N] (a view with unit column stride) = a [B, Ka] wa^T (+ b [B, Kb] wb^T when b is
-// defined): the kernel set's small-batch path where it has one, else ATen's GEMM.
+// defined): the kernel set's small-batch or transposed path where it takes the shape, else
+// ATen's GEMM.
 template <class K>
 void gate_sums(at::Tensor& out, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b,
                const at::Tensor& wb) {
@@ -115,6 +116,7 @@ void gate_sums(at::Tensor& out, const at::Tensor& a, const at::Tensor& wa, const
                            out.data_ptr(), out.stride(0), B, N)) {
     return;
   }
+  if (K::transposed_gate_sums(out, a, wa, b, wb)) return;
   at::mm_out(out, a, wa.t());
   if (b.defined()) out.addmm_(b, wb.t());
 }
