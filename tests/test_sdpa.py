@@ -95,8 +95,8 @@ SHAPES = [  # (batch, Hq, Hk, L, S, E, Ev)
     ((1,), 1, 1, 1, 1, 1, 1),
     ((2,), 3, 3, 3, 5, 5, 3),
     ((1,), 2, 2, 97, 97, 16, 16),
-    ((2,), 2, 1, 130, 200, 8, 5),  # crosses the 128-row/column tiles
-    ((1,), 2, 1, 300, 270, 8, 8),  # crosses the 256-row (non-causal) and 256-key tiles
+    ((2,), 2, 1, 130, 200, 8, 5),  # crosses the 64-row diagonal strips and 128 x 128 backward tiles
+    ((1,), 2, 1, 300, 270, 8, 8),  # crosses the 256-row and 256-key forward tiles
 ]
 
 
