@@ -39,6 +39,9 @@ CONFIGS = {
     # (csrc/ops/layers.cpp, time_loop), hidden units split between threads (lstm_proj: columns).
     "team_B2": (3, 2, 8, 192, [3, 1], True, True),
     "team_B1": (4, 1, 8, 192, None, False, True),
+    # 185 units: the second thread's 89 end in a 9-lane partial vector (masked loads and stores
+    # in the GEMV), reversed.
+    "team_H185": (3, 1, 8, 185, None, True, True),
 }
 # The Triton interpreter runs every op of every step in Python (~1 s per small layer call):
 # the same cases, smaller.

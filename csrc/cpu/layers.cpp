@@ -339,78 +339,106 @@ namespace {
 using VF = at::vec::Vectorized<float>;
 constexpr int64_t kLanesF = VF::size();
 
-// C[0, :NV*L) (the last vector only `tail` wide when kTail) = sum_k a[k] B[k, :] + beta C:
-// broadcast-FMA over the rows of B with NV accumulators of compile-time count, so they stay in
-// registers (a runtime-indexed array of them is kept on the stack: with 16-lane vectors a thread's
-// 64-column slice took that path and the B = 1 LSTM layer went from 0.71 to 0.92 ms).
-template <int NV, bool kTail>
-inline void axpy_block(const float* a, int64_t K, const float* B, int64_t ldb, float beta,
-                       float* c, int64_t tail) {
-  VF acc[NV];
-  for (auto& v : acc) v = VF(0.f);
+// C[0, q*gs + j] = sum_k a[k] B[k, q*gs + j] + beta C[...] for q < G, j < NV*L (the last vector
+// only `tail` wide when kTail): broadcast-FMA over the rows of B with G x NV accumulators of
+// compile-time count, so they stay in registers (a runtime-indexed array of them is kept on the
+// stack: with 16-lane vectors a thread's 64-column slice took that path and the B = 1 LSTM layer
+// went from 0.71 to 0.92 ms).
+template <int G, int NV, bool kTail>
+inline void axpy_block(const float* a, int64_t K, const float* B, int64_t ldb, int64_t gs,
+                       float beta, float* c, int64_t tail) {
+  VF acc[G][NV];
+  for (auto& row : acc)
+    for (auto& v : row) v = VF(0.f);
   auto load = [&](const float* p, int v) {
     return kTail && v == NV - 1 ? VF::loadu(p, tail) : VF::loadu(p);
   };
   for (int64_t k = 0; k < K; ++k) {
     const VF ak(a[k]);
     const float* b = B + k * ldb;
-    for (int v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(ak, load(b + v * kLanesF, v), acc[v]);
+    for (int q = 0; q < G; ++q)
+      for (int v = 0; v < NV; ++v)
+        acc[q][v] = at::vec::fmadd(ak, load(b + q * gs + v * kLanesF, v), acc[q][v]);
   }
-  for (int v = 0; v < NV; ++v) {
-    const int64_t n = kTail && v == NV - 1 ? tail : kLanesF;
-    VF r = acc[v];
-    if (beta != 0.f) r = r + VF::loadu(c + v * kLanesF, n) * VF(beta);
-    r.store(c + v * kLanesF, n);
+  for (int q = 0; q < G; ++q) {
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = kTail && v == NV - 1 ? tail : kLanesF;
+      float* out = c + q * gs + v * kLanesF;
+      VF r = acc[q][v];
+      if (beta != 0.f) r = r + VF::loadu(out, n) * VF(beta);
+      r.store(out, n);
+    }
   }
 }
 
-template <int NV>
+template <int G, int NV>
 inline void axpy_blocks(int64_t vecs, int64_t tail, const float* a, int64_t K, const float* B,
-                        int64_t ldb, float beta, float* c) {
+                        int64_t ldb, int64_t gs, float beta, float* c) {
   if constexpr (NV > 0) {
     if (vecs == NV) {
-      return tail ? axpy_block<NV, true>(a, K, B, ldb, beta, c, tail)
-                  : axpy_block<NV, false>(a, K, B, ldb, beta, c, 0);
+      return tail ? axpy_block<G, NV, true>(a, K, B, ldb, gs, beta, c, tail)
+                  : axpy_block<G, NV, false>(a, K, B, ldb, gs, beta, c, 0);
     }
-    axpy_blocks<NV - 1>(vecs, tail, a, K, B, ldb, beta, c);
+    axpy_blocks<G, NV - 1>(vecs, tail, a, K, B, ldb, gs, beta, c);
+  }
+}
+
+// One row: C[q*gs + n] for q < G, n < N, in blocks of up to 32 / (G + 1) vectors per gate (the
+// accumulators, the broadcast and the loads fit AVX-512's 32 registers).
+template <int G>
+void axpy_row(int64_t N, int64_t K, const float* a, const float* B, int64_t ldb, int64_t gs,
+              float beta, float* c) {
+  constexpr int kVecs = G == 1 ? 8 : 4;
+  for (int64_t n0 = 0; n0 < N; n0 += kVecs * kLanesF) {
+    const int64_t width = std::min(kVecs * kLanesF, N - n0);
+    axpy_blocks<G, kVecs>((width + kLanesF - 1) / kLanesF, width % kLanesF, a, K, B + n0, ldb, gs,
+                          beta, c + n0);
   }
 }
 
 }  // namespace
 
+void small_gemm_gates_f32(int G, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                          const float* B, int64_t ldb, int64_t gate_stride, float beta, float* C,
+                          int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = A + m * lda;
+    float* c = C + m * ldc;
+    switch (G) {
+      case 4: axpy_row<4>(N, K, a, B, ldb, gate_stride, beta, c); break;
+      case 3: axpy_row<3>(N, K, a, B, ldb, gate_stride, beta, c); break;
+      case 2: axpy_row<2>(N, K, a, B, ldb, gate_stride, beta, c); break;
+      default:
+        for (int q = 0; q < G; ++q) {
+          axpy_row<1>(N, K, a, B + q * gate_stride, ldb, 0, beta, c + q * gate_stride);
+        }
+    }
+  }
+}
+
 void small_gemm_f32(bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                     const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   using V = VF;
   constexpr int64_t L = kLanesF;
+  if (!tb) return small_gemm_gates_f32(1, M, N, K, A, lda, B, ldb, 0, beta, C, ldc);
+  // C[m, n] = dot(a, B[n, :]): four rows of B per pass, one horizontal sum per output.
   for (int64_t m = 0; m < M; ++m) {
     const float* a = A + m * lda;
     float* c = C + m * ldc;
-    if (!tb) {
-      // C[m, :] = sum_k a[k] B[k, :]: blocks of up to 8 vectors of columns kept in registers,
-      // no horizontal sums.
-      constexpr int64_t kVecs = 8;
-      for (int64_t n0 = 0; n0 < N; n0 += kVecs * L) {
-        const int64_t width = std::min(kVecs * L, N - n0);
-        const int64_t vecs = (width + L - 1) / L;
-        axpy_blocks<kVecs>(vecs, width % L, a, K, B + n0, ldb, beta, c + n0);
-      }
-    } else {
-      // C[m, n] = dot(a, B[n, :]): four rows of B per pass, one horizontal sum per output.
-      for (int64_t n0 = 0; n0 < N; n0 += 4) {
-        const int64_t rows = std::min<int64_t>(4, N - n0);
-        V acc[4] = {V(0.f), V(0.f), V(0.f), V(0.f)};
-        for (int64_t k = 0; k < K; k += L) {
-          const int64_t cnt = std::min(L, K - k);
-          const V av = cnt == L ? V::loadu(a + k) : V::loadu(a + k, cnt);
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* b = B + (n0 + r) * ldb + k;
-            acc[r] = at::vec::fmadd(av, cnt == L ? V::loadu(b) : V::loadu(b, cnt), acc[r]);
-          }
-        }
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, N - n0);
+      V acc[4] = {V(0.f), V(0.f), V(0.f), V(0.f)};
+      for (int64_t k = 0; k < K; k += L) {
+        const int64_t cnt = std::min(L, K - k);
+        const V av = cnt == L ? V::loadu(a + k) : V::loadu(a + k, cnt);
         for (int64_t r = 0; r < rows; ++r) {
-          float s = at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, acc[r]);
-          c[n0 + r] = beta != 0.f ? s + beta * c[n0 + r] : s;
+          const float* b = B + (n0 + r) * ldb + k;
+          acc[r] = at::vec::fmadd(av, cnt == L ? V::loadu(b) : V::loadu(b, cnt), acc[r]);
         }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float s = at::vec::vec_reduce_all<float>([](V x, V y) { return x + y; }, acc[r]);
+        c[n0 + r] = beta != 0.f ? s + beta * c[n0 + r] : s;
       }
     }
   }

@@ -165,6 +165,7 @@ inline Slots slots(int64_t s, int64_t T, bool reverse) {
 // K::Weight(w, rows): a step GEMM's weight w [K, N] (row-major, contiguous or undefined) for
 // GEMMs of up to `rows` rows, prepared once per op call.
 // K::step_gemm(w, M, A, lda, beta, C, ldc): C[M, N] = A[M, K] w + beta C.
+// K::transposed(w): w^T, contiguous (for w's transposes made once per call).
 // K::time_loop(w, T, B, H, G, gemm_of, point): for s < T, the step GEMM gemm_of(s) with weight w,
 // then point(s, u0, u1), the step's fused gate kernel on hidden units [u0, u1) of every row. G > 0:
 // w's columns are G blocks of H, one per gate, and point needs only the columns of its units, so
@@ -229,8 +230,8 @@ struct Layers {
     cs[first].copy_(c0);
     // W^T copies [P, G], [H, P]: the step GEMMs then stream the weights row by row (axpy
     // form), which the tiny-batch GEMV needs and BLAS does not mind.
-    const at::Tensor whhT = w_hh.t().contiguous();
-    const at::Tensor whrT = proj ? w_hr->t().contiguous() : at::Tensor();
+    const at::Tensor whhT = K::transposed(w_hh);
+    const at::Tensor whrT = proj ? K::transposed(*w_hr) : at::Tensor();
     const typename K::Weight whhT_w(whhT, B), whrT_w(whrT, B);
     auto gemm_of = [&](int64_t s) {
       const Slots k = slots(s, T, reverse);
@@ -329,7 +330,7 @@ struct Layers {
     at::Tensor ws = at::empty({T, B, 4 * H}, opts);
     at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
     hs[reverse ? T : 0].copy_(h0);
-    const at::Tensor whhT = w_hh.t().contiguous();
+    const at::Tensor whhT = K::transposed(w_hh);
     const typename K::Weight whhT_w(whhT, B);
     auto gemm_of = [&](int64_t s) {
       const Slots k = slots(s, T, reverse);
@@ -389,7 +390,7 @@ struct Layers {
     auto opts = input.options();
     at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
     hs[reverse ? T : 0].copy_(h0);
-    const at::Tensor whhT = w_hh.t().contiguous();
+    const at::Tensor whhT = K::transposed(w_hh);
     const typename K::Weight whhT_w(whhT, B);
     auto gemm_of = [&](int64_t s) {
       const Slots k = slots(s, T, reverse);

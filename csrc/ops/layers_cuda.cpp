@@ -26,6 +26,7 @@ struct CudaLayerKernels {
     Weight(const at::Tensor& w, int64_t) : w(w) {}
     at::Tensor w;  // [K, N] contiguous or undefined
   };
+  static at::Tensor transposed(const at::Tensor& w) { return w.t().contiguous(); }
   // cuBLAS through ATen, on the current stream.
   static void step_gemm(const Weight& w, int64_t M, const void* A, int64_t lda, double beta,
                         void* C, int64_t ldc) {

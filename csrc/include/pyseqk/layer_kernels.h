@@ -86,6 +86,12 @@ void rnn_layer_forward_units(int64_t u0, int64_t u1, DType dtype, bool relu, int
 // B [N, K] when tb, else B [K, N].
 void small_gemm_f32(bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                     const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+// The same GEMM (op(B) = B) on G column blocks at once: columns [q * gate_stride, + N) of B and C
+// for q < G (the gates of a range of hidden units), every a[k] broadcast once for all of them
+// and G x (up to 4) accumulators in flight, where one block at a time had 4 dependent chains.
+void small_gemm_gates_f32(int G, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                          const float* B, int64_t ldb, int64_t gate_stride, float beta, float* C,
+                          int64_t ldc);
 }  // namespace cpu
 
 namespace cuda {
