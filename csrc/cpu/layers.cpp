@@ -383,12 +383,15 @@ inline void axpy_blocks(int64_t vecs, int64_t tail, const float* a, int64_t K, c
   }
 }
 
-// One row: C[q*gs + n] for q < G, n < N, in blocks of up to 32 / (G + 1) vectors per gate (the
-// accumulators, the broadcast and the loads fit AVX-512's 32 registers).
+// Vector registers: AVX-512 has 32, AVX2 16.
+constexpr int kVecRegisters = kLanesF == 16 ? 32 : 16;
+
+// One row: C[q*gs + n] for q < G, n < N, in blocks of as many vectors per gate (at most 8) as
+// leave G x that many accumulators, the broadcast and a few loads in registers.
 template <int G>
 void axpy_row(int64_t N, int64_t K, const float* a, const float* B, int64_t ldb, int64_t gs,
               float beta, float* c) {
-  constexpr int kVecs = G == 1 ? 8 : 4;
+  constexpr int kVecs = std::min(8, std::max(1, (kVecRegisters - 4) / G));
   for (int64_t n0 = 0; n0 < N; n0 += kVecs * kLanesF) {
     const int64_t width = std::min(kVecs * kLanesF, N - n0);
     axpy_blocks<G, kVecs>((width + kLanesF - 1) / kLanesF, width % kLanesF, a, K, B + n0, ldb, gs,
