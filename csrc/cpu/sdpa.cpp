@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/blas.h"
 #include "pyseqk/dropout_hash.h"
 #include "pyseqk/sdpa_kernels.h"
 
@@ -34,21 +35,6 @@ constexpr int64_t kBwdBlockQ = 128, kBwdBlockK = 128;  // backward: four tiles l
 }  // namespace cpu
 }  // namespace pyseqk
 
-// The BLAS that libtorch_cpu links (MKL in the x86 wheels) exports the Fortran GEMMs; the typed
-// at::native::cpublas::gemm overloads that call them are not exported to extensions. Declared
-// weak so that a torch built without BLAS still loads this library (and runs a plain loop).
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc) __attribute__((weak));
-// MKL's C API (mkl_set_num_threads_local is a macro for it; the lowercase symbol is the
-// Fortran one, taking a pointer).
-int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
-}
-
 namespace pyseqk {
 namespace cpu {
 namespace {
@@ -65,33 +51,6 @@ struct SequentialBlas {
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
   }
 };
-
-// Row-major C[M x N] = alpha * op(A) op(B) + beta * C, through the column-major BLAS: a row-major
-// matrix is the column-major transpose, so C^T = op(B)^T op(A)^T with the operands swapped.
-// Sizes are tile sizes and leading dimensions row strides (the entry checks they fit an int).
-template <class T>
-inline void mm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-               int64_t lda, const T* Bm, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_) return sgemm_(&ta, &tb, &m, &n, &k, &alpha, Bm, &la, A, &lb, &beta, C, &lc);
-  } else {
-    if (dgemm_) return dgemm_(&ta, &tb, &m, &n, &k, &alpha, Bm, &la, A, &lb, &beta, C, &lc);
-  }
-  // No BLAS in this torch: a plain loop (correct, slow; x86 and arm wheels all ship a BLAS).
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t j = 0; j < N; ++j) {
-      T acc = T(0);
-      for (int64_t p = 0; p < K; ++p) {
-        acc += (trans_a ? A[p * lda + i] : A[i * lda + p]) * (trans_b ? Bm[j * ldb + p] : Bm[p * ldb + j]);
-      }
-      C[i * ldc + j] = alpha * acc + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
-    }
-  }
-}
 
 template <class T>
 using Vec = at::vec::Vectorized<T>;
@@ -232,8 +191,8 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
       // Rows [r0, r1) of the tile against keys [j0, j0 + nk): scores, online softmax, P V.
       auto block = [&](int64_t r0, int64_t r1, int64_t j0, int64_t nk) {
         T* sc = scores.data() + r0 * kBlockK;
-        mm<T>(false, true, r1 - r0, nk, E, scale, Q + r0 * a.sq.row, a.sq.row, K + j0 * a.sk.row,
-              a.sk.row, T(0), sc, kBlockK);
+        blas_mm<T>(false, true, r1 - r0, nk, E, scale, Q + r0 * a.sq.row, a.sq.row,
+                   K + j0 * a.sk.row, a.sk.row, T(0), sc, kBlockK);
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t i = i0 + r;
           T* x = scores.data() + r * kBlockK;
@@ -253,8 +212,8 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
                      threshold, j0, nk, x);
           }
         }
-        mm<T>(false, false, r1 - r0, Ev, nk, T(1), sc, kBlockK, V + j0 * a.sv.row, a.sv.row, T(1),
-              acc.data() + r0 * Ev, Ev);
+        blas_mm<T>(false, false, r1 - r0, Ev, nk, T(1), sc, kBlockK, V + j0 * a.sv.row,
+                   a.sv.row, T(1), acc.data() + r0 * Ev, Ev);
       };
       // Causal: keys before the tile's first row are seen by all its rows; keys past its last
       // row by none. The diagonal block in between goes in strips of kDiagStrip rows, each
@@ -310,7 +269,7 @@ struct BwdBlock {
     const T* V = static_cast<const T*>(a.value) + b * a.sv.b + hk * a.sv.h + j0 * a.sv.row;
     const T* dO = dout + b * sdo.b + h * sdo.h + i0 * sdo.row;
     const T* mask_bh = mask_base<T>(a, b, h);
-    mm<T>(false, true, mq, nk, E, scale, Q, a.sq.row, K, a.sk.row, T(0), p, ld);
+    blas_mm<T>(false, true, mq, nk, E, scale, Q, a.sq.row, K, a.sk.row, T(0), p, ld);
     for (int64_t r = 0; r < mq; ++r) {
       T* x = p + r * ld;
       mask_row<T>(a, mask_bh, i0 + r, j0, nk, x);
@@ -324,10 +283,10 @@ struct BwdBlock {
     }
     if (dkdv) {
       T* dV = dv + ((b * a.Hk + hk) * a.S + j0) * Ev;
-      mm<T>(true, false, nk, Ev, mq, dropout ? keep_scale : T(1), dropout ? pd : p, ld, dO,
-            sdo.row, T(1), dV, Ev);
+      blas_mm<T>(true, false, nk, Ev, mq, dropout ? keep_scale : T(1), dropout ? pd : p, ld, dO,
+                 sdo.row, T(1), dV, Ev);
     }
-    mm<T>(false, true, mq, nk, Ev, T(1), dO, sdo.row, V, a.sv.row, T(0), dp, ld);
+    blas_mm<T>(false, true, mq, nk, Ev, T(1), dO, sdo.row, V, a.sv.row, T(0), dp, ld);
     for (int64_t r = 0; r < mq; ++r) {
       T* d = dp + r * ld;
       const T* x = p + r * ld;
@@ -341,10 +300,12 @@ struct BwdBlock {
         at::vec::map2([dl](Vec<T> dpv, Vec<T> pv) { return pv * (dpv - dl); }, d, d, x, nk);
       }
     }
-    if (dq_rows) mm<T>(false, false, mq, E, nk, scale, dp, ld, K, a.sk.row, T(1), dq_rows, E);
+    if (dq_rows) {
+      blas_mm<T>(false, false, mq, E, nk, scale, dp, ld, K, a.sk.row, T(1), dq_rows, E);
+    }
     if (dkdv) {
       T* dK = dk + ((b * a.Hk + hk) * a.S + j0) * E;
-      mm<T>(true, false, nk, E, mq, scale, dp, ld, Q, a.sq.row, T(1), dK, E);
+      blas_mm<T>(true, false, nk, E, mq, scale, dp, ld, Q, a.sq.row, T(1), dK, E);
     }
   }
 };
