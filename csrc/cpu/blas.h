@@ -1,11 +1,13 @@
-// The Fortran BLAS GEMMs of the library torch links (MKL in the x86 wheels), called directly by
-// the CPU kernels: the typed at::native::cpublas::gemm overloads are not exported to extensions,
-// and at::mm costs a dispatcher round and output checks per call, which the per-step GEMMs of
-// the cells and the per-tile GEMMs of SDPA pay thousands of times. Declared weak, so that a torch
-// built without BLAS still loads this library (then blas_mm runs a plain loop).
+// The Fortran BLAS of the library torch links (MKL in the x86 wheels), called directly by the CPU
+// kernels (SDPA's tiles, the cells' gate sums, the layers' step GEMMs): the typed
+// at::native::cpublas::gemm overloads are not exported to extensions, and at::mm costs a
+// dispatcher round and output checks per call, paid thousands of times per op here. Declared
+// weak, so that a torch built without BLAS still loads this library (callers test the symbol, or
+// blas_mm runs a plain loop).
 #pragma once
 
 #include <climits>
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -20,6 +22,15 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 // MKL's C API (mkl_set_num_threads_local is a macro for it; the lowercase symbol is the
 // Fortran one, taking a pointer).
 int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
+// MKL's packed GEMM (Fortran names): an operand packed once, reused by many GEMMs.
+size_t sgemm_pack_get_size_(const char* identifier, const int* m, const int* n, const int* k)
+    __attribute__((weak));
+void sgemm_pack_(const char* identifier, const char* trans, const int* m, const int* n,
+                 const int* k, const float* alpha, const float* src, const int* ld, float* dest)
+    __attribute__((weak));
+void sgemm_compute_(const char* transa, const char* transb, const int* m, const int* n,
+                    const int* k, const float* a, const int* lda, const float* b, const int* ldb,
+                    const float* beta, float* c, const int* ldc) __attribute__((weak));
 }
 
 namespace pyseqk {

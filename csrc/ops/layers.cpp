@@ -2,8 +2,6 @@
 // implementations, whose per-step GEMMs call the BLAS that ATen itself uses directly: on a
 // single batch row (B = 1, H = 128) a step is a ~4 us GEMV and ATen's per-call overhead
 // (dispatcher, output checks) would cost as much again.
-#include <dlfcn.h>
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -17,6 +15,7 @@
 #include <thread>
 #include <climits>
 
+#include "cpu/blas.h"
 #include "ops/layers.h"
 #include "pyseqk/cell_kernels.h"
 #include "pyseqk/layer_kernels.h"
@@ -24,53 +23,6 @@
 namespace pyseqk {
 namespace ops {
 namespace {
-
-// Fortran BLAS, as exported by the library holding ATen (MKL or OpenBLAS); null when absent,
-// then the GEMMs go through ATen.
-using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
-                         const float*, const float*, const int*, const float*, const int*,
-                         const float*, float*, const int*);
-using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
-                         const double*, const double*, const int*, const double*, const int*,
-                         const double*, double*, const int*);
-
-// MKL's packed GEMM: the step GEMMs reuse one weight T times, so it is packed once per call.
-using sgemm_pack_get_size_t = size_t (*)(const char*, const int*, const int*, const int*);
-using sgemm_pack_t = void (*)(const char*, const char*, const int*, const int*, const int*,
-                              const float*, const float*, const int*, float*);
-using sgemm_compute_t = void (*)(const char*, const char*, const int*, const int*, const int*,
-                                 const float*, const int*, const float*, const int*, const float*,
-                                 float*, const int*);
-
-// MKL's per-thread thread count (returns the previous one; 0 = back to the global setting).
-using set_threads_local_t = int (*)(int);
-
-struct Blas {
-  sgemm_t sgemm = nullptr;
-  dgemm_t dgemm = nullptr;
-  set_threads_local_t set_threads_local = nullptr;
-  sgemm_pack_get_size_t pack_size = nullptr;
-  sgemm_pack_t pack = nullptr;
-  sgemm_compute_t compute = nullptr;
-  Blas() {
-    Dl_info info;
-    if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) == 0) return;
-    void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-    if (lib == nullptr) return;
-    sgemm = reinterpret_cast<sgemm_t>(dlsym(lib, "sgemm_"));
-    dgemm = reinterpret_cast<dgemm_t>(dlsym(lib, "dgemm_"));
-    set_threads_local =
-        reinterpret_cast<set_threads_local_t>(dlsym(lib, "MKL_Set_Num_Threads_Local"));
-    pack_size = reinterpret_cast<sgemm_pack_get_size_t>(dlsym(lib, "sgemm_pack_get_size_"));
-    pack = reinterpret_cast<sgemm_pack_t>(dlsym(lib, "sgemm_pack_"));
-    compute = reinterpret_cast<sgemm_compute_t>(dlsym(lib, "sgemm_compute_"));
-  }
-};
-
-const Blas& blas() {
-  static const Blas b;
-  return b;
-}
 
 // Below ~1M multiply-adds (B = 1, H = 128: 65k) a step's GEMM takes a few microseconds, about
 // what waking the second OpenMP thread costs: run it on the calling thread.
@@ -83,18 +35,17 @@ constexpr int64_t kTeamMinWeight = int64_t(1) << 15;
 struct SingleThreadIfSmall {
   int previous = -1;
   explicit SingleThreadIfSmall(int64_t macs) {
-    if (macs < kSingleThreadMacs && blas().set_threads_local) {
-      previous = blas().set_threads_local(1);
+    if (macs < kSingleThreadMacs && MKL_Set_Num_Threads_Local) {
+      previous = MKL_Set_Num_Threads_Local(1);
     }
   }
   ~SingleThreadIfSmall() {
-    if (previous >= 0) blas().set_threads_local(previous);
+    if (previous >= 0) MKL_Set_Num_Threads_Local(previous);
   }
 };
 
-// The barrier of the forward time loop's thread team: libgomp's `omp barrier` cost about 0.8 us a
-// step on a 2-core KVM guest (T = 200, B = 1: a 96-unit LSTM's team took 1.57 us a step for
-// 18k multiply-adds a thread, where one thread did 16k in 0.74 us). Sense-reversing on a
+// The barrier of the forward time loop's thread team, in place of libgomp's `omp barrier`
+// (T = 200, B = 1, H = 128 LSTM: the loop 427 -> 395 us, 0.16 us a step). Sense-reversing on a
 // generation counter; a waiter spins with pause, then yields (an oversubscribed machine).
 class SpinBarrier {
  public:
@@ -132,17 +83,12 @@ struct CpuLayerKernels {
     explicit Guard(const at::Tensor&) {}
   };
 
-  // Row-major C = op(A) op(B) + beta C is column-major C^T = op(B)^T op(A)^T: swap the operands,
-  // keep the transpose flags.
+  // Row-major C = op(A) op(B) + beta C: the tiny-batch GEMV, the BLAS (cpu/blas.h) or ATen.
   static void gemm(const at::Tensor& like, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
                    const void* A, int64_t lda, const void* B, int64_t ldb, double beta, void* C,
                    int64_t ldc) {
     if (M == 0 || N == 0) return;
-    const bool small = M < INT_MAX && N < INT_MAX && K < INT_MAX && lda < INT_MAX &&
-                       ldb < INT_MAX && ldc < INT_MAX && K > 0;
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+    const bool fits = K > 0 && cpu::blas_fits({M, N, K, lda, ldb, ldc});
     const auto st = like.scalar_type();
     if (st == at::kFloat && M <= kSmallBatch && !ta && K > 0) {
       cpu::small_gemm_f32(tb, M, N, K, static_cast<const float*>(A), lda,
@@ -151,16 +97,15 @@ struct CpuLayerKernels {
       return;
     }
     const SingleThreadIfSmall threads(M * N * K);
-    if (small && st == at::kFloat && blas().sgemm) {
-      const float one = 1.f, b = static_cast<float>(beta);
-      blas().sgemm(&tra, &trb, &m, &n, &k, &one, static_cast<const float*>(B), &la,
-                   static_cast<const float*>(A), &lb, &b, static_cast<float*>(C), &lc);
+    if (fits && st == at::kFloat && sgemm_) {
+      cpu::blas_mm<float>(ta, tb, M, N, K, 1.f, static_cast<const float*>(A), lda,
+                          static_cast<const float*>(B), ldb, static_cast<float>(beta),
+                          static_cast<float*>(C), ldc);
       return;
     }
-    if (small && st == at::kDouble && blas().dgemm) {
-      const double one = 1.0;
-      blas().dgemm(&tra, &trb, &m, &n, &k, &one, static_cast<const double*>(B), &la,
-                   static_cast<const double*>(A), &lb, &beta, static_cast<double*>(C), &lc);
+    if (fits && st == at::kDouble && dgemm_) {
+      cpu::blas_mm<double>(ta, tb, M, N, K, 1.0, static_cast<const double*>(A), lda,
+                           static_cast<const double*>(B), ldb, beta, static_cast<double*>(C), ldc);
       return;
     }
     aten_gemm(like.options(), ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
@@ -173,18 +118,18 @@ struct CpuLayerKernels {
     at::Tensor w, packed;
     int k = 0, n = 0;
     Weight(const at::Tensor& w_, int64_t rows) : w(w_) {
-      if (rows <= kSmallBatch || !w.defined() || w.scalar_type() != at::kFloat || !blas().pack ||
-          !blas().compute ||
-          !blas().pack_size || w.numel() == 0 || w.size(0) >= INT_MAX || w.size(1) >= INT_MAX) {
+      if (rows <= kSmallBatch || !w.defined() || w.scalar_type() != at::kFloat ||
+          !sgemm_pack_ || !sgemm_compute_ || !sgemm_pack_get_size_ || w.numel() == 0 ||
+          w.size(0) >= INT_MAX || w.size(1) >= INT_MAX) {
         return;
       }
       k = static_cast<int>(w.size(0));
       n = static_cast<int>(w.size(1));
       const int one_row = 1;
-      const size_t bytes = blas().pack_size("A", &n, &one_row, &k);
+      const size_t bytes = sgemm_pack_get_size_("A", &n, &one_row, &k);
       packed = at::empty({static_cast<int64_t>((bytes + 3) / 4)}, w.options());
       const float alpha = 1.f;
-      blas().pack("A", "N", &n, &one_row, &k, &alpha, w.data_ptr<float>(), &n,
+      sgemm_pack_("A", "N", &n, &one_row, &k, &alpha, w.data_ptr<float>(), &n,
                   packed.data_ptr<float>());
     }
   };
@@ -206,7 +151,7 @@ struct CpuLayerKernels {
       const int m = static_cast<int>(M), la = static_cast<int>(lda), lc = static_cast<int>(ldc);
       const float b = static_cast<float>(beta);
       const SingleThreadIfSmall threads(M * N * K);
-      blas().compute("P", "N", &w.n, &m, &w.k, w.packed.data_ptr<float>(), &w.n,
+      sgemm_compute_("P", "N", &w.n, &m, &w.k, w.packed.data_ptr<float>(), &w.n,
                      static_cast<const float*>(A), &la, &b, static_cast<float*>(C), &lc);
       return;
     }
