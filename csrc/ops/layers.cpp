@@ -12,8 +12,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <thread>
 #include <climits>
+#include <thread>
 
 #include "cpu/blas.h"
 #include "ops/layers.h"
