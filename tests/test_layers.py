@@ -40,7 +40,7 @@ CONFIGS = {
     "team_B2": (3, 2, 8, 192, [3, 1], True, True),
     "team_B1": (4, 1, 8, 192, None, False, True),
     # 185 units: the second thread's 89 end in a 9-lane partial vector (masked loads and stores
-    # in the GEMV), reversed.
+    # in the GEMV), reversed. The team runs fp32 only: LOW_PRECISION_CONFIGS lists it.
     "team_H185": (3, 1, 8, 185, None, True, True),
 }
 # The Triton interpreter runs every op of every step in Python (~1 s per small layer call):
@@ -55,7 +55,7 @@ TRITON_CONFIGS = {
     "empty_batch": (2, 0, 3, 5, None, False, True),
     "T0": (0, 2, 3, 5, [0, 0], False, True),
 }
-LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1"]
+LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1", "team_H185"]
 TRITON_LOW_PRECISION_CONFIGS = ["unsorted_zero_rev"]
 
 
