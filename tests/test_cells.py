@@ -19,7 +19,9 @@ CELLS = {  # name: (gates, torch's own implementation)
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # (B, I, H). CPU gate sums: B <= 4 small_batch_gates, fp32 12 <= B <= 48 the transposed GEMM
 # (odd B and H: partial transpose tiles), else ATen's GEMM.
-SHAPES = [(1, 1, 1), (3, 5, 97), (4, 16, 32), (7, 13, 40), (17, 9, 33)]
+# (27, 19, 37) and (25, 11, 289): the fused fp32 step of csrc/cpu/gemm.h (24 <= B <= 32 on AVX-512;
+# partial tiles and row blocks, padded batch lanes; the second one split over two threads).
+SHAPES = [(1, 1, 1), (3, 5, 97), (4, 16, 32), (7, 13, 40), (17, 9, 33), (27, 19, 37), (25, 11, 289)]
 
 
 def make_args(name, B, I, H, dtype, device="cpu", bias=True, seed=0):

@@ -5,12 +5,110 @@
 
 #include <type_traits>
 
+#include "cpu/gemm.h"
 #include "cpu/vec_io.h"
 #include "pyseqk/cell_kernels.h"
 
 namespace pyseqk {
 namespace cpu {
 namespace {
+
+// One 16 x 16 tile. ATen's transpose_mxn<float> takes the tile size at run time, and its
+// register array then lives on the stack (a 512 x 128 matrix took ~40 us); here the sizes are
+// constants and flatten inlines the whole shuffle network.
+#if defined(CPU_CAPABILITY_AVX512)
+__attribute__((flatten)) inline void transpose_16x16(const float* src, int64_t ld_src, float* dst,
+                                                     int64_t ld_dst) {
+  at::vec::VectorizedN<float, 16> tile;
+  for (int i = 0; i < 16; ++i) tile[i] = _mm512_loadu_ps(src + i * ld_src);
+  at::vec::transpose_block(tile);
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld_dst, tile[i]);
+}
+#else
+inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+}
+#endif
+
+
+// dst[c, r] = src[r, c] for r < rows, c < cols (both at most 16).
+inline void transpose_tile(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
+                           int64_t rows, int64_t cols) {
+  if (rows == 16 && cols == 16) {
+    transpose_16x16(src, ld_src, dst, ld_dst);
+  } else {
+    at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(rows),
+                                  static_cast<int>(cols));
+  }
+}
+
+// Rows [k*H + j0, k*H + j1) of st's sums for k < gates (gate k's columns of ws), when the kernel
+// computes them (st.ready false): w_ih x^T (+ w_hh h^T), or, stacked (GRU: gates = 6), the first
+// gates/2 from w_ih x^T and the rest from w_hh h^T.
+inline void step_sums_rows(const StepSums& st, int64_t gates, bool stacked, int64_t H, int64_t j0,
+                           int64_t j1) {
+  const int nv = static_cast<int>(st.ld / FVec::size());
+  const int64_t I = st.I, B = st.B, ld = st.ld, rows = j1 - j0;
+  // This thread's [x | h]^T.
+  const int64_t slot = at::get_thread_num();
+  TORCH_INTERNAL_ASSERT(slot < st.xt_slots, "pyseqk: more threads than transposed-input slots");
+  float* xt = st.xt + slot * (I + H) * ld;
+  float* xt_h = xt + I * ld;
+  transpose_f32(st.x, I, xt, ld, B, I);
+  transpose_f32(st.h, H, xt_h, ld, B, H);
+  if (ld > B) {
+    for (int64_t k = 0; k < I + H; ++k) std::fill(xt + k * ld + B, xt + (k + 1) * ld, 0.f);
+  }
+  for (int64_t k = 0; k < gates; ++k) {
+    float* c = st.sums + (k * H + j0) * ld;
+    if (stacked && k >= gates / 2) {
+      gemm_rows(nv, st.w_hh + ((k - gates / 2) * H + j0) * H, H, xt_h, ld, H, c, ld, rows, false);
+      continue;
+    }
+    gemm_rows(nv, st.w_ih + (k * H + j0) * I, I, xt, ld, I, c, ld, rows, false);
+    if (!stacked) gemm_rows(nv, st.w_hh + (k * H + j0) * H, H, xt_h, ld, H, c, ld, rows, true);
+  }
+}
+
+// Runs fn(b, j, n) over every row b < B and lane group [j, j+n) of H like for_each_lane_group,
+// for a kernel whose input ws [B, ld] (gate k's sums in columns [k*H, (k+1)*H), k < gates) is in
+// place already (st == nullptr) or comes as a StepSums, transposed. Then each task owns 16
+// columns of every gate at a time: it computes their sums (unless ready), and for each block of
+// 16 rows moves the tiles into ws through registers and runs fn on the rows while they sit in L1.
+template <class T, class Fn>
+void for_each_lane_group_staged(const StepSums* st, T* ws, int64_t ld, int64_t gates, bool stacked,
+                                int64_t B, int64_t H, const Fn& fn) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (st) {
+      constexpr int64_t kTile = 16, L = kLanes<float>;
+      const int64_t col_tiles = (H + kTile - 1) / kTile;
+      // ~256 lane groups a task, as for_each_lane_group; a task computing its sums owns a
+      // G * 16 x K block of weights per tile besides.
+      const int64_t grain = std::max<int64_t>(1, 256 * L / (kTile * std::max<int64_t>(B, 1)));
+      at::parallel_for(0, col_tiles, grain, [&](int64_t begin, int64_t end) {
+        if (!st->ready) {
+          step_sums_rows(*st, gates, stacked, H, begin * kTile, std::min(H, end * kTile));
+        }
+        for (int64_t ct = begin; ct < end; ++ct) {
+          const int64_t j0 = ct * kTile, nc = std::min(kTile, H - j0);
+          for (int64_t b0 = 0; b0 < B; b0 += kTile) {
+            const int64_t nb = std::min(kTile, B - b0);
+            for (int64_t k = 0; k < gates; ++k) {
+              transpose_tile(st->sums + (k * H + j0) * st->ld + b0, st->ld,
+                             ws + b0 * ld + k * H + j0, ld, nc, nb);
+            }
+            for (int64_t b = b0; b < b0 + nb; ++b)
+              for (int64_t j = j0; j < j0 + nc; j += L) fn(b, j, std::min(L, j0 + nc - j));
+          }
+        }
+      });
+      return;
+    }
+  }
+  TORCH_CHECK(st == nullptr, "pyseqk: transposed gate sums are float32 only");
+  for_each_lane_group<T>(B, H, fn);
+}
 
 template <class F>
 void dispatch(DType dtype, const F& f) {
@@ -24,9 +122,9 @@ void dispatch(DType dtype, const F& f) {
 
 template <class T>
 void lstm_fwd(T* ws, const T* b_ih, const T* b_hh, const T* cx, T* hy, T* cy, int64_t B,
-              int64_t H) {
+              int64_t H, const StepSums* sums) {
   using V = OpVec<T>;
-  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+  for_each_lane_group_staged(sums, ws, 4 * H, 4, false, B, H, [&](int64_t b, int64_t j, int64_t n) {
     T* g = ws + b * 4 * H;
     V pre[4];
     for (int k = 0; k < 4; ++k) pre[k] = vload(g + k * H + j, n) + vbias(b_ih, b_hh, k * H + j, n);
@@ -66,9 +164,10 @@ void lstm_bwd(const T* ws, const T* cx, const T* cy, const T* dhy, const T* dcy,
 }
 
 template <class T>
-void gru_fwd(T* ws, const T* b_ih, const T* b_hh, const T* hx, T* hy, int64_t B, int64_t H) {
+void gru_fwd(T* ws, const T* b_ih, const T* b_hh, const T* hx, T* hy, int64_t B, int64_t H,
+             const StepSums* sums) {
   using V = OpVec<T>;
-  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+  for_each_lane_group_staged(sums, ws, 6 * H, 6, true, B, H, [&](int64_t b, int64_t j, int64_t n) {
     T* g = ws + b * 6 * H;
     auto bias = [&](const T* p, int64_t k) { return p ? vload(p + k, n) : V(0); };
     const V ir = vload(g + j, n) + bias(b_ih, j);
@@ -109,8 +208,8 @@ void gru_bwd(const T* ws, const T* hx, const T* dhy, T* dgi, T* dgh, T* dh_direc
 }
 
 template <class T, bool kRelu>
-void rnn_fwd(T* hy, const T* b_ih, const T* b_hh, int64_t B, int64_t H) {
-  for_each_lane_group<T>(B, H, [&](int64_t b, int64_t j, int64_t n) {
+void rnn_fwd(T* hy, const T* b_ih, const T* b_hh, int64_t B, int64_t H, const StepSums* sums) {
+  for_each_lane_group_staged(sums, hy, H, 1, false, B, H, [&](int64_t b, int64_t j, int64_t n) {
     T* p = hy + b * H + j;
     vstore(p, math::rnn_activate<OpVec<T>, kRelu>(vload(p, n) + vbias(b_ih, b_hh, j, n)), n);
   });
@@ -197,11 +296,11 @@ bool small_batch_gates(DType dtype, const void* x, const void* w_ih, int64_t I, 
 }
 
 void lstm_cell_forward(DType dtype, void* ws, const void* b_ih, const void* b_hh, const void* cx,
-                       void* hy, void* cy, int64_t B, int64_t H) {
+                       void* hy, void* cy, int64_t B, int64_t H, const StepSums* sums) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     lstm_fwd<T>(static_cast<T*>(ws), static_cast<const T*>(b_ih), static_cast<const T*>(b_hh),
-                static_cast<const T*>(cx), static_cast<T*>(hy), static_cast<T*>(cy), B, H);
+                static_cast<const T*>(cx), static_cast<T*>(hy), static_cast<T*>(cy), B, H, sums);
   });
 }
 
@@ -217,11 +316,11 @@ void lstm_cell_backward(DType dtype, const void* ws, const void* cx, const void*
 }
 
 void gru_cell_forward(DType dtype, void* ws, const void* b_ih, const void* b_hh, const void* hx,
-                      void* hy, int64_t B, int64_t H) {
+                      void* hy, int64_t B, int64_t H, const StepSums* sums) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     gru_fwd<T>(static_cast<T*>(ws), static_cast<const T*>(b_ih), static_cast<const T*>(b_hh),
-               static_cast<const T*>(hx), static_cast<T*>(hy), B, H);
+               static_cast<const T*>(hx), static_cast<T*>(hy), B, H, sums);
   });
 }
 
@@ -235,13 +334,13 @@ void gru_cell_backward(DType dtype, const void* ws, const void* hx, const void* 
 }
 
 void rnn_cell_forward(DType dtype, bool relu, void* hy, const void* b_ih, const void* b_hh,
-                      int64_t B, int64_t H) {
+                      int64_t B, int64_t H, const StepSums* sums) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto* h = static_cast<T*>(hy);
     auto* bi = static_cast<const T*>(b_ih);
     auto* bh = static_cast<const T*>(b_hh);
-    relu ? rnn_fwd<T, true>(h, bi, bh, B, H) : rnn_fwd<T, false>(h, bi, bh, B, H);
+    relu ? rnn_fwd<T, true>(h, bi, bh, B, H, sums) : rnn_fwd<T, false>(h, bi, bh, B, H, sums);
   });
 }
 
@@ -255,28 +354,6 @@ void rnn_cell_backward(DType dtype, bool relu, const void* hy, const void* dhy, 
     relu ? rnn_bwd<T, true>(h, g, d, B, H) : rnn_bwd<T, false>(h, g, d, B, H);
   });
 }
-
-namespace {
-
-// One 16 x 16 tile. ATen's transpose_mxn<float> takes the tile size at run time, and its
-// register array then lives on the stack (a 512 x 128 matrix took ~40 us); here the sizes are
-// constants and flatten inlines the whole shuffle network.
-#if defined(CPU_CAPABILITY_AVX512)
-__attribute__((flatten)) inline void transpose_16x16(const float* src, int64_t ld_src, float* dst,
-                                                     int64_t ld_dst) {
-  at::vec::VectorizedN<float, 16> tile;
-  for (int i = 0; i < 16; ++i) tile[i] = _mm512_loadu_ps(src + i * ld_src);
-  at::vec::transpose_block(tile);
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld_dst, tile[i]);
-}
-#else
-inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
-}
-#endif
-
-}  // namespace
 
 void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
                    int64_t cols) {
@@ -293,12 +370,7 @@ void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
         const int64_t nr = std::min(kTile, rows - r0);
         const float* s = src + r0 * ld_src + c0;
         float* d = dst + c0 * ld_dst + r0;
-        if (nr == kTile && nc == kTile) {
-          transpose_16x16(s, ld_src, d, ld_dst);
-        } else {
-          at::vec::transpose_mxn<float>(s, ld_src, d, ld_dst, static_cast<int>(nr),
-                                        static_cast<int>(nc));
-        }
+        transpose_tile(s, ld_src, d, ld_dst, nr, nc);
       }
     }
   });

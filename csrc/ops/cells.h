@@ -102,8 +102,7 @@ cell_gemm_backward(const at::Tensor& dgi, const at::Tensor& dgh, const at::Tenso
 }
 
 // out [B, N] (a view with unit column stride) = a [B, Ka] wa^T (+ b [B, Kb] wb^T when b is
-// defined): the kernel set's small-batch or transposed path where it takes the shape, else
-// ATen's GEMM.
+// defined): the kernel set's small-batch path where it takes the shape, else ATen's GEMM.
 template <class K>
 void gate_sums(at::Tensor& out, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b,
                const at::Tensor& wb) {
@@ -116,9 +115,39 @@ void gate_sums(at::Tensor& out, const at::Tensor& a, const at::Tensor& wa, const
                            out.data_ptr(), out.stride(0), B, N)) {
     return;
   }
-  if (K::transposed_gate_sums(out, a, wa, b, wb)) return;
   at::mm_out(out, a, wa.t());
   if (b.defined()) out.addmm_(b, wb.t());
+}
+
+// The gate sums of a forward cell kernel: ws [B, cols] = [a wa^T | b wb^T] (stacked: GRU) or
+// a wa^T + b wb^T. The kernel set may stage them for its forward kernel instead (K::stage_sums:
+// the CPU one for float32 batches, see csrc/ops/cpu.cpp), which then computes them or moves them
+// into ws itself; returns whether it did.
+template <class K>
+bool cell_gate_sums(typename K::Staged& staged, at::Tensor& ws, const at::Tensor& a,
+                    const at::Tensor& wa, const at::Tensor& b, const at::Tensor& wb, bool stacked) {
+  if constexpr (K::kTransposedSums) {
+    if (K::stage_sums(staged, a, wa, b, wb, stacked)) return true;
+  }
+  if (stacked) {
+    at::Tensor top = ws.narrow(1, 0, wa.size(0)), bottom = ws.narrow(1, wa.size(0), wb.size(0));
+    gate_sums<K>(top, a, wa, at::Tensor(), at::Tensor());
+    gate_sums<K>(bottom, b, wb, at::Tensor(), at::Tensor());
+  } else {
+    gate_sums<K>(ws, a, wa, b, wb);
+  }
+  return false;
+}
+
+// Calls a forward cell kernel, with the staged sums where the kernel set takes them.
+template <class K, class F, class... Args>
+void forward_kernel(const F& kernel, bool is_staged, const typename K::Staged& staged,
+                    Args... args) {
+  if constexpr (K::kTransposedSums) {
+    kernel(args..., is_staged ? &staged.desc : nullptr);
+  } else {
+    kernel(args...);
+  }
 }
 
 template <class K>
@@ -133,13 +162,14 @@ struct Cells {
     typename K::Guard guard(input);
     const int64_t B = input.size(0), H = hx.size(1);
     at::Tensor ws = at::empty({B, 4 * H}, input.options());
-    gate_sums<K>(ws, input, w_ih, hx, w_hh);
+    typename K::Staged staged;
+    const bool is_staged = cell_gate_sums<K>(staged, ws, input, w_ih, hx, w_hh, false);
     at::Tensor hy = at::empty({B, H}, input.options());
     at::Tensor cy = at::empty({B, H}, input.options());
     const at::Tensor cxc = cx.contiguous(), bi = contig(b_ih), bh = contig(b_hh);
     if (B * H > 0) {
-      K::lstm_cell_forward(dtype, ws.data_ptr(), ptr(bi), ptr(bh), cxc.data_ptr(), hy.data_ptr(),
-                           cy.data_ptr(), B, H);
+      forward_kernel<K>(K::lstm_cell_forward, is_staged, staged, dtype, ws.data_ptr(), ptr(bi),
+                        ptr(bh), cxc.data_ptr(), hy.data_ptr(), cy.data_ptr(), B, H);
     }
     return {hy, cy, ws};
   }
@@ -173,14 +203,13 @@ struct Cells {
     typename K::Guard guard(input);
     const int64_t B = input.size(0), H = hx.size(1);
     at::Tensor ws = at::empty({B, 6 * H}, input.options());
-    at::Tensor gi = ws.narrow(1, 0, 3 * H), gh = ws.narrow(1, 3 * H, 3 * H);
-    gate_sums<K>(gi, input, w_ih, at::Tensor(), at::Tensor());
-    gate_sums<K>(gh, hx, w_hh, at::Tensor(), at::Tensor());
+    typename K::Staged staged;
+    const bool is_staged = cell_gate_sums<K>(staged, ws, input, w_ih, hx, w_hh, true);
     at::Tensor hy = at::empty({B, H}, input.options());
     const at::Tensor hxc = hx.contiguous(), bi = contig(b_ih), bh = contig(b_hh);
     if (B * H > 0) {
-      K::gru_cell_forward(dtype, ws.data_ptr(), ptr(bi), ptr(bh), hxc.data_ptr(), hy.data_ptr(),
-                          B, H);
+      forward_kernel<K>(K::gru_cell_forward, is_staged, staged, dtype, ws.data_ptr(), ptr(bi),
+                        ptr(bh), hxc.data_ptr(), hy.data_ptr(), B, H);
     }
     return {hy, ws};
   }
@@ -210,9 +239,13 @@ struct Cells {
     typename K::Guard guard(input);
     const int64_t B = input.size(0), H = hx.size(1);
     at::Tensor hy = at::empty({B, H}, input.options());
-    gate_sums<K>(hy, input, w_ih, hx, w_hh);
+    typename K::Staged staged;
+    const bool is_staged = cell_gate_sums<K>(staged, hy, input, w_ih, hx, w_hh, false);
     const at::Tensor bi = contig(b_ih), bh = contig(b_hh);
-    if (B * H > 0) K::rnn_cell_forward(dtype, kRelu, hy.data_ptr(), ptr(bi), ptr(bh), B, H);
+    if (B * H > 0) {
+      forward_kernel<K>(K::rnn_cell_forward, is_staged, staged, dtype, kRelu, hy.data_ptr(),
+                        ptr(bi), ptr(bh), B, H);
+    }
     return hy;
   }
 

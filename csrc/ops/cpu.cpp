@@ -1,7 +1,10 @@
 // CPU implementations: the shared entry points bound to the kernels in csrc/cpu.
 #include <c10/core/Device.h>
 
+#include <ATen/Parallel.h>
+
 #include "cpu/blas.h"
+#include "cpu/gemm.h"
 #include "ops/cells.h"
 #include "pyseqk/cell_kernels.h"
 
@@ -22,37 +25,68 @@ struct CpuKernels {
   static constexpr int64_t kMaxSmallBatch = cpu::kMaxSmallBatch;
   static constexpr auto small_batch_gates = &cpu::small_batch_gates;
 
-  // MKL's sgemm is slow on x W^T with the weight as stored (W [N, K] row-major, the "TN" case)
-  // for mid-size batches: 2 threads on an AVX-512 Xeon, N = 4H, H = 128-512, it took 1.3-2.1x as
-  // long as W x^T for 16 <= B <= 32, about the same from B = 64, and less at B <= 8
-  // (bench/NOTES.md, "Cells: the gate GEMM transposed"). Those batches get the gate sums as
-  // [N, B] and transpose them into place (a few microseconds).
+  // The gate sums of fp32 batches of 12-48 rows go to the forward kernels transposed (StepSums
+  // in pyseqk/cell_kernels.h), [G*H, B]:
+  // - 24 <= B <= 32 on an AVX-512 build: the kernel computes them itself (cpu/gemm.h), each
+  //   thread the rows of its units, fused with the gate math in one parallel loop. RNN/GRU/LSTM
+  //   cell steps at B = 32, H = 256 took 44/113/145 us against 51/114/152 us through MKL
+  //   (bench/NOTES.md, "Cells: one fused step"; the measured batch sweep set the range: below
+  //   24 a vector of 16 batch lanes is mostly padding, above 32 the 3-vector blocks lost to MKL).
+  // - Otherwise MKL computes them as W x^T: its x W^T with the weight as stored (the "TN" case)
+  //   took 1.3-2.1x as long for 16 <= B <= 32 (bench/NOTES.md, "Cells: the gate GEMM
+  //   transposed"), and the kernel moves them into place tile by tile.
+  struct Staged {
+    at::Tensor sums, xt;
+    cpu::StepSums desc;
+  };
+  static constexpr bool kTransposedSums = true;
   static constexpr int64_t kMinTransposedBatch = 12, kMaxTransposedBatch = 48;
-  static bool transposed_gate_sums(at::Tensor& out, const at::Tensor& a, const at::Tensor& wa,
-                                   const at::Tensor& b, const at::Tensor& wb) {
-    const int64_t B = a.size(0), N = wa.size(0);
-    if (a.scalar_type() != at::kFloat || B < kMinTransposedBatch || B > kMaxTransposedBatch ||
-        out.stride(1) != 1) {
-      return false;
+  static constexpr int64_t kMinFusedBatch = 24, kMaxFusedBatch = 32;
+  static bool stage_sums(Staged& st, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b,
+                         const at::Tensor& wb, bool stacked) {
+    const int64_t B = a.size(0), Na = wa.size(0), Nb = stacked ? wb.size(0) : 0;
+    const int64_t L = cpu::FVec::size(), nv = (B + L - 1) / L;
+    if (a.scalar_type() != at::kFloat || !b.defined()) return false;
+    const bool fused = L == 16 && B >= kMinFusedBatch && B <= kMaxFusedBatch &&
+                       a.is_contiguous() && b.is_contiguous() && wa.is_contiguous() &&
+                       wb.is_contiguous();
+    if (!fused && (B < kMinTransposedBatch || B > kMaxTransposedBatch)) return false;
+    const int64_t ld = fused ? nv * L : B;
+    st.sums = at::empty({Na + Nb, ld}, a.options());
+    st.desc.sums = st.sums.data_ptr<float>();
+    st.desc.ld = ld;
+    if (fused) {
+      const int64_t Ka = a.size(1), Kb = b.size(1), slots = at::get_num_threads();
+      st.xt = at::empty({slots, Ka + Kb, ld}, a.options());
+      st.desc.ready = false;
+      st.desc.x = a.data_ptr<float>();
+      st.desc.h = b.data_ptr<float>();
+      st.desc.w_ih = wa.data_ptr<float>();
+      st.desc.w_hh = wb.data_ptr<float>();
+      st.desc.B = B;
+      st.desc.I = Ka;
+      st.desc.xt = st.xt.data_ptr<float>();
+      st.desc.xt_slots = slots;
+      return true;
     }
-    at::Tensor sums = at::empty({N, B}, a.options());
-    // sums [N, B] (+)= w [N, K] x^T, straight into the BLAS (at::mm's dispatch and checks cost a
-    // few microseconds a call, 2-5 % of a B = 32 step) where the strides allow it.
-    auto add = [&](const at::Tensor& x, const at::Tensor& w, float beta) {
-      const int64_t K = x.size(1);
+    // rows [r0, r0 + w.size(0)) of the sums (+)= w [N, K] x^T, straight into the BLAS (at::mm's
+    // dispatch and checks cost a few microseconds a call, 2-5 % of a B = 32 step) where the
+    // strides allow it.
+    auto add = [&](int64_t r0, const at::Tensor& x, const at::Tensor& w, float beta) {
+      const int64_t N = w.size(0), K = x.size(1);
+      at::Tensor dst = st.sums.narrow(0, r0, N);
       if (x.stride(1) == 1 && w.stride(1) == 1 &&
           cpu::blas_fits({N, B, K, x.stride(0), w.stride(0)})) {
         cpu::blas_mm<float>(false, true, N, B, K, 1.f, w.data_ptr<float>(), w.stride(0),
-                            x.data_ptr<float>(), x.stride(0), beta, sums.data_ptr<float>(), B);
+                            x.data_ptr<float>(), x.stride(0), beta, dst.data_ptr<float>(), B);
       } else if (beta == 0.f) {
-        at::mm_out(sums, w, x.t());
+        at::mm_out(dst, w, x.t());
       } else {
-        sums.addmm_(w, x.t());
+        dst.addmm_(w, x.t());
       }
     };
-    add(a, wa, 0.f);
-    if (b.defined()) add(b, wb, 1.f);
-    cpu::transpose_f32(sums.data_ptr<float>(), B, out.data_ptr<float>(), out.stride(0), N, B);
+    add(0, a, wa, 0.f);
+    add(stacked ? Na : 0, b, wb, stacked ? 0.f : 1.f);
     return true;
   }
 };

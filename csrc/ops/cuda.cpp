@@ -32,10 +32,9 @@ struct CudaKernels {
                                 int64_t, void*, int64_t, int64_t, int64_t) {
     return false;
   }
-  static bool transposed_gate_sums(at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&) {
-    return false;
-  }
+  // The gate sums always land in ws (cell_gate_sums in ops/cells.h).
+  static constexpr bool kTransposedSums = false;
+  struct Staged {};
 };
 
 }  // namespace

@@ -14,11 +14,13 @@ typedef struct CUstream_st* cudaStream_t;
 
 namespace pyseqk {
 
-#define PYSEQK_CELL_KERNELS(STREAM_ARG)                                                          \
+// STAGED_ARG: the CPU forward kernels take one more argument (cpu::StepSums below).
+#define PYSEQK_CELL_KERNELS(STREAM_ARG, STAGED_ARG)                                              \
   /* ws     [B, 4H] in: x W_ih^T + h W_hh^T (no bias); out: activated gates i, f, g, o        */ \
   /* b_ih, b_hh [4H] or nullptr; cx [B, H]; hy, cy [B, H] out                                 */ \
   void lstm_cell_forward(DType dtype, void* ws, const void* b_ih, const void* b_hh,              \
-                         const void* cx, void* hy, void* cy, int64_t B, int64_t H STREAM_ARG);   \
+                         const void* cx, void* hy, void* cy, int64_t B,                          \
+                         int64_t H STAGED_ARG STREAM_ARG);                                       \
   /* ws [B, 4H] activated gates; cx, cy [B, H]; dhy, dcy [B, H] or nullptr (zero)             */ \
   /* dgates [B, 4H] out: gradient of the pre-activation gate sums; dcx [B, H] out            */  \
   void lstm_cell_backward(DType dtype, const void* ws, const void* cx, const void* cy,           \
@@ -28,7 +30,7 @@ namespace pyseqk {
   /*            out: [:, :4H] = r, z, n, hn (hn = h W_hn^T + b_hn), [:, 4H:] unspecified      */ \
   /* b_ih, b_hh [3H] or nullptr; hx, hy [B, H]                                                */ \
   void gru_cell_forward(DType dtype, void* ws, const void* b_ih, const void* b_hh,               \
-                        const void* hx, void* hy, int64_t B, int64_t H STREAM_ARG);              \
+                        const void* hx, void* hy, int64_t B, int64_t H STAGED_ARG STREAM_ARG);   \
   /* ws [B, 6H] from forward; hx [B, H]; dhy [B, H]                                           */ \
   /* dgi, dgh [B, 3H] out: gradients of the input and hidden gate sums; dh_direct [B, H] out */  \
   void gru_cell_backward(DType dtype, const void* ws, const void* hx, const void* dhy,           \
@@ -36,13 +38,39 @@ namespace pyseqk {
                          int64_t H STREAM_ARG);                                                  \
   /* hy [B, H] in: x W_ih^T + h W_hh^T (no bias); out: act(sum + b_ih + b_hh)                 */ \
   void rnn_cell_forward(DType dtype, bool relu, void* hy, const void* b_ih, const void* b_hh,    \
-                        int64_t B, int64_t H STREAM_ARG);                                        \
+                        int64_t B, int64_t H STAGED_ARG STREAM_ARG);                             \
   /* hy, dhy [B, H]; dpre [B, H] out: gradient of the pre-activation sum                      */ \
   void rnn_cell_backward(DType dtype, bool relu, const void* hy, const void* dhy, void* dpre,     \
                          int64_t B, int64_t H STREAM_ARG);
 
 namespace cpu {
-PYSEQK_CELL_KERNELS()
+// The gate sums of a float32 forward step, handed to the CPU forward kernels instead of ws
+// holding them, so that the kernel computes them, or moves them into ws, inside its own parallel
+// loop: each thread the rows of the hidden units it owns, then the gate math of those units while
+// their sums sit in L1 (no separate GEMM call, transpose pass or fork).
+// The sums are transposed: sums [rows, ld], rows = ws's columns (4H LSTM, 6H GRU, H RNN), ld >= B.
+struct StepSums {
+  float* sums = nullptr;
+  int64_t ld = 0;
+  // true: sums holds them already (a BLAS GEMM). false: the kernel computes them with
+  // cpu::gemm_rows: sums = w_ih x^T + w_hh h^T, or stacked (GRU) [w_ih x^T ; w_hh h^T], from
+  // x [B, I] and h [B, H] (contiguous). Each thread first transposes x and h into its own slot
+  // of xt ([threads, I + H, ld], zero-padded columns; ld = 16 * nv, nv <= 3): a copy written by
+  // one core and read by the other cost the reader ~15 us a step in cache-line transfers.
+  bool ready = true;
+  const float* x = nullptr;
+  const float* h = nullptr;
+  const float* w_ih = nullptr;
+  const float* w_hh = nullptr;
+  int64_t B = 0, I = 0;
+  float* xt = nullptr;
+  int64_t xt_slots = 0;
+};
+// sums: nullptr (ws, or hy for the RNN cell, holds the gate sums as documented above) or the
+// sums as a StepSums (float32 only).
+#define PYSEQK_STAGED_ARG , const StepSums* sums
+PYSEQK_CELL_KERNELS(, PYSEQK_STAGED_ARG)
+#undef PYSEQK_STAGED_ARG
 
 // Batches of at most this many rows get their gate sums from small_batch_gates.
 constexpr int64_t kMaxSmallBatch = 4;
@@ -57,7 +85,7 @@ void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
 
 namespace cuda {
 #define PYSEQK_STREAM_ARG , cudaStream_t stream
-PYSEQK_CELL_KERNELS(PYSEQK_STREAM_ARG)
+PYSEQK_CELL_KERNELS(PYSEQK_STREAM_ARG, )
 #undef PYSEQK_STREAM_ARG
 }  // namespace cuda
 

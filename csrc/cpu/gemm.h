@@ -1,0 +1,94 @@
+// A register-blocked fp32 GEMM for the recurrent kernels' step shape: the gate sums of a batch
+// of B <= 48 rows, computed transposed,
+//   C[m, b] (+)= sum_k A[m, k] Xt[k, b]     A: weight rows [M, K] as stored, Xt: [K, ldx] (the
+//                                           inputs transposed, columns padded to whole vectors)
+// single-threaded, so that a kernel's own parallel loop runs it on the rows it owns and goes
+// straight on to the gate math of those rows (one fork per step, no BLAS call overhead, no
+// pass over the sums in between).
+//
+// The micro-kernel keeps an R x NV block of C in registers (NV vectors across the batch, R weight
+// rows) and walks k: per k it loads NV vectors of Xt and broadcasts R weights, R * NV FMAs
+// against R + NV loads. With 32 vector registers (AVX-512) and B = 32 (NV = 2), R = 14: 28 FMAs
+// per 16 loads, FMA-bound. Measured on the AVX-512 Xeon, 2 threads, K = 2 x 256, B = 32, the
+// operands hot in cache (bench/NOTES.md, "Cells: one fused step"): 310-340 GFLOP/s for
+// M = 256-1024, MKL 270-330 for the same sums; one thread 173 GFLOP/s (~90 % of a core's peak).
+// With one vector across the batch (B <= 16) the broadcasts make it load-bound, and with three
+// (B = 33-48) it lost to MKL in the cells: the cells use two.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+namespace pyseqk {
+namespace cpu {
+
+using FVec = at::vec::Vectorized<float>;
+
+// Vector registers of the build's ISA (AVX-512: 32, AVX2: 16).
+constexpr int kVecRegs = FVec::size() == 16 ? 32 : 16;
+
+// The batch widths (in vectors) the micro-kernel is built for: up to 48 rows on AVX-512.
+constexpr int kMaxGemmVecs = 3;
+
+// Rows per register block for NV batch vectors: the accumulators, NV inputs and one broadcast
+// fill the register file.
+constexpr int gemm_rows(int nv) { return std::min(16, (kVecRegs - nv - 1) / nv); }
+
+template <int R, int NV>
+__attribute__((always_inline)) inline void gemm_block(const float* A, int64_t lda, const float* Xt,
+                                                      int64_t ldx, int64_t K, float* C,
+                                                      int64_t ldc, bool accumulate) {
+  constexpr int L = FVec::size();
+  FVec c[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? FVec::loadu(C + r * ldc + v * L) : FVec(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    FVec x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = FVec::loadu(Xt + k * ldx + v * L);
+    for (int r = 0; r < R; ++r) {
+      const FVec a(A[r * lda + k]);
+      for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(a, x[v], c[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v].store(C + r * ldc + v * L);
+}
+
+template <int NV, int... Rs>
+inline void gemm_tail(int rows, const float* A, int64_t lda, const float* Xt, int64_t ldx,
+                      int64_t K, float* C, int64_t ldc, bool accumulate,
+                      std::integer_sequence<int, Rs...>) {
+  // rows < gemm_rows(NV): one block of exactly that many rows.
+  ((rows == Rs + 1 ? gemm_block<Rs + 1, NV>(A, lda, Xt, ldx, K, C, ldc, accumulate) : void()),
+   ...);
+}
+
+template <int NV>
+void gemm_rows_nv(const float* A, int64_t lda, const float* Xt, int64_t ldx, int64_t K, float* C,
+                  int64_t ldc, int64_t M, bool accumulate) {
+  constexpr int R = gemm_rows(NV);
+  int64_t m = 0;
+  for (; m + R <= M; m += R) gemm_block<R, NV>(A + m * lda, lda, Xt, ldx, K, C + m * ldc, ldc, accumulate);
+  if (m < M) {
+    gemm_tail<NV>(static_cast<int>(M - m), A + m * lda, lda, Xt, ldx, K, C + m * ldc, ldc,
+                  accumulate, std::make_integer_sequence<int, R - 1>{});
+  }
+}
+
+// C[m, 0:nv*L] (+)= A[m, :K] Xt[:K, 0:nv*L] for m < M (C's padding columns are written too);
+// 1 <= nv <= kMaxGemmVecs.
+inline void gemm_rows(int nv, const float* A, int64_t lda, const float* Xt, int64_t ldx, int64_t K,
+                      float* C, int64_t ldc, int64_t M, bool accumulate) {
+  switch (nv) {
+    case 1: return gemm_rows_nv<1>(A, lda, Xt, ldx, K, C, ldc, M, accumulate);
+    case 2: return gemm_rows_nv<2>(A, lda, Xt, ldx, K, C, ldc, M, accumulate);
+    default: return gemm_rows_nv<3>(A, lda, Xt, ldx, K, C, ldc, M, accumulate);
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyseqk
