@@ -7,18 +7,75 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/OpMathType.h>
 
+#include <type_traits>
+
 #include "pyseqk/cell_math.h"
 
 namespace pyseqk {
 namespace math {
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The gate activations' exp and reciprocal for 16 fp32 lanes, cheaper than at::vec's: Sleef's
+// exp (u10) and vdivps were most of the gate kernels' time (the LSTM layer's at B = 32, H = 256:
+// 2.0 ms of a 15 ms call; bench/NOTES.md, "Gate math: exp and reciprocal").
+// exp: n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite), e^r by its degree-7 Taylor
+// polynomial (|r| <= ln2/2: truncation 5e-9 relative, below fp32's 6e-8), times 2^n by scalef.
+// x is clamped to [-87, 88] first (e^x stays a normal float; with the constant as the first
+// operand of min/max, NaN passes through).
+inline __m512 exp_f32x16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.f), _mm512_min_ps(_mm512_set1_ps(88.f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+// 1/d: the 14-bit estimate and one Newton step (~2^-28 relative), instead of a division.
+inline __m512 rcp_f32x16(__m512 d) {
+  const __m512 y = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.f)));
+}
+#endif
+
 template <class T>
 struct Act<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  static inline V sigmoid(V x) { return V(T(1)) / (V(T(1)) + x.neg().exp()); }
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr bool kFast = std::is_same_v<T, float>;
+#else
+  static constexpr bool kFast = false;
+#endif
+  static inline V sigmoid(V x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kFast) {
+      const __m512 e = math::exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+      return rcp_f32x16(_mm512_add_ps(_mm512_set1_ps(1.f), e));
+    }
+#endif
+    return V(T(1)) / (V(T(1)) + x.neg().exp());
+  }
   // tanh(x) = 1 - 2 / (exp(2x) + 1): one exp and one division, about half the cost of Sleef's
   // tanh; the absolute error stays at the fp32 rounding of 1 (~6e-8). Saturates without NaN.
   static inline V tanh(V x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kFast) {
+      // (e - 1) / (e + 1), e = exp(2x): absolute error ~6e-8 near 0 too (e - 1 is exact there).
+      // |x| <= 10 first: tanh(10) rounds to 1, and e + 1 stays far from overflow.
+      const __m512 xc =
+          _mm512_max_ps(_mm512_set1_ps(-10.f), _mm512_min_ps(_mm512_set1_ps(10.f), x));
+      const __m512 e = math::exp_f32x16(_mm512_add_ps(xc, xc));
+      const __m512 one = _mm512_set1_ps(1.f);
+      return _mm512_mul_ps(_mm512_sub_ps(e, one), rcp_f32x16(_mm512_add_ps(e, one)));
+    }
+#endif
     return V(T(1)) - V(T(2)) / ((x + x).exp() + V(T(1)));
   }
   static inline V relu(V x) { return at::vec::clamp_min(x, V(T(0))); }

@@ -20,10 +20,17 @@ def _check_dims(cls_name: str, input: Tensor, hidden) -> bool:
     return input.dim() == 2
 
 
+_RNN_CELL_FNS = {"tanh": F.rnn_tanh_cell, "relu": F.rnn_relu_cell}
+
+
 class RNNCell(torch.nn.RNNCell):
     __doc__ = torch.nn.RNNCell.__doc__
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if hx is not None and input.dim() == 2 and hx.dim() == 2 and self.nonlinearity in _RNN_CELL_FNS:
+            # The common case in a time loop, kept free of per-call Python work.
+            return _RNN_CELL_FNS[self.nonlinearity](input, hx, self.weight_ih, self.weight_hh,
+                                                     self.bias_ih, self.bias_hh)
         batched = _check_dims("RNNCell", input, (("hidden", hx),))
         if not batched:
             input = input.unsqueeze(0)
@@ -31,11 +38,8 @@ class RNNCell(torch.nn.RNNCell):
             hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
         elif not batched:
             hx = hx.unsqueeze(0)
-        if self.nonlinearity == "tanh":
-            fn = F.rnn_tanh_cell
-        elif self.nonlinearity == "relu":
-            fn = F.rnn_relu_cell
-        else:
+        fn = _RNN_CELL_FNS.get(self.nonlinearity)
+        if fn is None:
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         ret = fn(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         return ret if batched else ret.squeeze(0)
@@ -67,6 +71,9 @@ class GRUCell(torch.nn.GRUCell):
     __doc__ = torch.nn.GRUCell.__doc__
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if hx is not None and input.dim() == 2 and hx.dim() == 2:
+            # The common case in a time loop, kept free of per-call Python work.
+            return F.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         batched = _check_dims("GRUCell", input, (("hidden", hx),))
         if not batched:
             input = input.unsqueeze(0)
