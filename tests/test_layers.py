@@ -42,6 +42,13 @@ CONFIGS = {
     # 185 units: the second thread's 89 end in a 9-lane partial vector (masked loads and stores
     # in the GEMV), reversed. The team runs fp32 only: LOW_PRECISION_CONFIGS lists it.
     "team_H185": (3, 1, 8, 185, None, True, True),
+    # fp32, 24 <= B <= 32 on an AVX-512 build: the mid-batch team (csrc/ops/layers.cpp,
+    # mid_batch_team) with the GEMM of csrc/cpu/gemm.h. 37 units: the second thread owns a
+    # partial tile of 5; unsorted lengths with zeros, reversed; then sorted lengths (fewer GEMM
+    # rows as sequences end) at B = 32.
+    "team_B27": (4, 27, 6, 37, [(7 * b) % 5 for b in range(27)], True, True),
+    "team_B32": (3, 32, 5, 40, sorted(((b % 3) + 1 for b in range(32)), reverse=True), False,
+                 True),
 }
 # The Triton interpreter runs every op of every step in Python (~1 s per small layer call):
 # the same cases, smaller.
@@ -56,6 +63,8 @@ TRITON_CONFIGS = {
     "T0": (0, 2, 3, 5, [0, 0], False, True),
 }
 LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1", "team_H185"]
+# Paths that only fp32 takes, run in fp32 besides fp64.
+FP32_CONFIGS = ["team_B27", "team_B32"]
 TRITON_LOW_PRECISION_CONFIGS = ["unsorted_zero_rev"]
 
 
@@ -159,6 +168,13 @@ def test_layer_matches_reference_fp64(backend, config, kind):
                              LOW_PRECISION_CONFIGS, TRITON_LOW_PRECISION_CONFIGS)])
 def test_layer_matches_reference_low_precision(backend, config, kind, dtype):
     check(kind, backend, config, dtype)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("backend,config", backend_configs(FP32_CONFIGS, []),
+                         ids=[f"{b}-{c}" for b, c in backend_configs(FP32_CONFIGS, [])])
+def test_layer_matches_reference_fp32(backend, config, kind):
+    check(kind, backend, config, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -356,7 +356,7 @@ void rnn_cell_backward(DType dtype, bool relu, const void* hy, const void* dhy, 
 }
 
 void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
-                   int64_t cols) {
+                   int64_t cols, bool accumulate) {
   // 16 x 16 tiles through registers (AVX-512; a plain loop elsewhere), ~256 tiles per task. The
   // inner loop walks along 16 rows of dst, so the stores form 16 sequential streams: walking
   // along src instead (128 streams of 64 bytes for a 128-column dst) took 22 us for 512 x 128.
@@ -364,13 +364,25 @@ void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
   const int64_t col_tiles = (cols + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, 65536 / (kTile * std::max<int64_t>(rows, 1)));
   at::parallel_for(0, col_tiles, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float tile[kTile * kTile];
     for (int64_t ct = begin; ct < end; ++ct) {
       const int64_t c0 = ct * kTile, nc = std::min(kTile, cols - c0);
       for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
         const int64_t nr = std::min(kTile, rows - r0);
         const float* s = src + r0 * ld_src + c0;
         float* d = dst + c0 * ld_dst + r0;
-        transpose_tile(s, ld_src, d, ld_dst, nr, nc);
+        if (!accumulate) {
+          transpose_tile(s, ld_src, d, ld_dst, nr, nc);
+          continue;
+        }
+        transpose_tile(s, ld_src, tile, kTile, nr, nc);
+        for (int64_t c = 0; c < nc; ++c) {
+          for (int64_t i = 0; i < nr; i += FVec::size()) {
+            const int64_t n = std::min<int64_t>(FVec::size(), nr - i);
+            float* p = d + c * ld_dst + i;
+            (FVec::loadu(p, n) + FVec::loadu(tile + c * kTile + i, n)).store(p, n);
+          }
+        }
       }
     }
   });

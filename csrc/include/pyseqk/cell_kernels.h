@@ -78,9 +78,9 @@ constexpr int64_t kMaxSmallBatch = 4;
 // float32 and 1 <= B <= kMaxSmallBatch, all contiguous; returns false (does nothing) otherwise.
 bool small_batch_gates(DType dtype, const void* x, const void* w_ih, int64_t I, const void* h,
                        const void* w_hh, int64_t H, void* out, int64_t ldo, int64_t B, int64_t N);
-// dst[c, r] = src[r, c] for src [rows, cols] (row stride ld_src), dst [cols, rows] (ld_dst).
+// dst[c, r] (+)= src[r, c] for src [rows, cols] (row stride ld_src), dst [cols, rows] (ld_dst).
 void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
-                   int64_t cols);
+                   int64_t cols, bool accumulate = false);
 }  // namespace cpu
 
 namespace cuda {
