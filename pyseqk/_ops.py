@@ -1,8 +1,9 @@
 """Loads the compiled ops (pyseqk._C) and gives every op its fake kernel and autograd formula.
 
-The native ops (torch.ops.pyseqk.<name>) and their Triton twins (torch.ops.pyseqk.triton_<name>,
-defined in pyseqk/_triton_ops.py) share one autograd registration each: forward and backward are
-separate ops, so the backward is as fused as the forward.
+The Triton twins of the cell ops (torch.ops.pyseqk.triton_<name>, defined in
+pyseqk/_triton_ops.py) get their autograd here; the native ops (torch.ops.pyseqk.<name>) have the
+same formulas in C++ (csrc/ops/autograd.cpp). Forward and backward are separate ops, so the
+backward is as fused as the forward.
 """
 from __future__ import annotations
 
@@ -139,10 +140,14 @@ def _rnn_autograd(backward_op, relu):
     return backward
 
 
-def register(prefix: str, ns) -> None:
-    """Fake kernels and autograd for the cell ops named ``<prefix><op>`` in namespace ``ns``."""
+def register(prefix: str, ns, autograd: bool = True) -> None:
+    """Fake kernels and (``autograd``) autograd for the cell ops named ``<prefix><op>`` in
+    namespace ``ns``. The native ops' autograd is the same formulas in C++
+    (csrc/ops/autograd.cpp): a Python autograd kernel costs ~3 us a call even under no_grad."""
     for name, fake in FAKES.items():
         torch.library.register_fake(f"pyseqk::{prefix}{name}", fake)
+    if not autograd:
+        return
     torch.library.register_autograd(
         f"pyseqk::{prefix}lstm_cell", _lstm_autograd(getattr(ns, f"{prefix}lstm_cell_backward")),
         setup_context=_lstm_setup)
@@ -157,4 +162,4 @@ def register(prefix: str, ns) -> None:
 
 
 if NATIVE:
-    register("", torch.ops.pyseqk)
+    register("", torch.ops.pyseqk, autograd=False)

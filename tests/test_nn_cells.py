@@ -110,3 +110,29 @@ def test_module_torch_compile_fullgraph(tcls, pcls, kw):
     eager = loop(x)
     compiled = torch.compile(loop, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("tcls,pcls,kw", PAIRS, ids=IDS)
+def test_module_torch_compile_fullgraph_backward(tcls, pcls, kw):
+    """Forward and backward through AOTAutograd: the native cells' autograd is C++
+    (csrc/ops/autograd.cpp), traced like any ATen op's."""
+    _, p = pair(tcls, pcls, kw)
+    x = torch.randn(4, 3, 7, requires_grad=True)
+
+    def loop(xs):
+        h = None
+        for t in range(xs.shape[0]):
+            h = p(xs[t], h) if h is not None else p(xs[t])
+        return (h[0] if isinstance(h, tuple) else h).sum()
+
+    def grads(f):
+        x.grad = None
+        p.zero_grad()
+        f(x).backward()
+        return [x.grad] + [q.grad for q in p.parameters()]
+
+    eager = grads(loop)
+    compiled = grads(torch.compile(loop, fullgraph=True, backend="aot_eager"))
+    assert all(g is not None for g in compiled)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
