@@ -57,7 +57,11 @@ struct Act<at::vec::Vectorized<T>> {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kFast) {
       const __m512 e = math::exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-      return rcp_f32x16(_mm512_add_ps(_mm512_set1_ps(1.f), e));
+      const __m512 s = rcp_f32x16(_mm512_add_ps(_mm512_set1_ps(1.f), e));
+      // Below -88 (e clamped at e^88) 0, as torch's sigmoid(-inf): a 6e-39 there would turn
+      // torch's 0 * inf = NaN downstream (GRU: r * hn, z * h) into an infinity.
+      return _mm512_maskz_mov_ps(
+          ~_mm512_cmp_ps_mask(x, _mm512_set1_ps(-88.f), _CMP_LT_OQ), s);
     }
 #endif
     return V(T(1)) / (V(T(1)) + x.neg().exp());
