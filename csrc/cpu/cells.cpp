@@ -4,6 +4,7 @@
 #include <c10/util/Half.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "cpu/gemm.h"
 #include "cpu/vec_io.h"
@@ -31,7 +32,6 @@ inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_
 }
 #endif
 
-
 // dst[c, r] = src[r, c] for r < rows, c < cols (both at most 16).
 inline void transpose_tile(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
                            int64_t rows, int64_t cols) {
@@ -50,10 +50,11 @@ inline void step_sums_rows(const StepSums& st, int64_t gates, bool stacked, int6
                            int64_t j1) {
   const int nv = static_cast<int>(st.ld / FVec::size());
   const int64_t I = st.I, B = st.B, ld = st.ld, rows = j1 - j0;
-  // This thread's [x | h]^T.
-  const int64_t slot = at::get_thread_num();
-  TORCH_INTERNAL_ASSERT(slot < st.xt_slots, "pyseqk: more threads than transposed-input slots");
-  float* xt = st.xt + slot * (I + H) * ld;
+  // This thread's own [x | h]^T ([I + H, ld], padding columns zero): a copy written by one core
+  // and read by the other cost the reader ~15 us a step in cache-line transfers.
+  thread_local std::vector<float> xt_buffer;
+  xt_buffer.resize((I + H) * ld);
+  float* xt = xt_buffer.data();
   float* xt_h = xt + I * ld;
   transpose_f32(st.x, I, xt, ld, B, I);
   transpose_f32(st.h, H, xt_h, ld, B, H);
@@ -124,7 +125,8 @@ template <class T>
 void lstm_fwd(T* ws, const T* b_ih, const T* b_hh, const T* cx, T* hy, T* cy, int64_t B,
               int64_t H, const StepSums* sums) {
   using V = OpVec<T>;
-  for_each_lane_group_staged(sums, ws, 4 * H, 4, false, B, H, [&](int64_t b, int64_t j, int64_t n) {
+  for_each_lane_group_staged(sums, ws, 4 * H, 4, false, B, H, [&](int64_t b, int64_t j,
+                                                                 int64_t n) {
     T* g = ws + b * 4 * H;
     V pre[4];
     for (int k = 0; k < 4; ++k) pre[k] = vload(g + k * H + j, n) + vbias(b_ih, b_hh, k * H + j, n);
@@ -167,7 +169,8 @@ template <class T>
 void gru_fwd(T* ws, const T* b_ih, const T* b_hh, const T* hx, T* hy, int64_t B, int64_t H,
              const StepSums* sums) {
   using V = OpVec<T>;
-  for_each_lane_group_staged(sums, ws, 6 * H, 6, true, B, H, [&](int64_t b, int64_t j, int64_t n) {
+  for_each_lane_group_staged(sums, ws, 6 * H, 6, true, B, H, [&](int64_t b, int64_t j,
+                                                                int64_t n) {
     T* g = ws + b * 6 * H;
     auto bias = [&](const T* p, int64_t k) { return p ? vload(p + k, n) : V(0); };
     const V ir = vload(g + j, n) + bias(b_ih, j);

@@ -45,7 +45,9 @@ __attribute__((always_inline)) inline void gemm_block(const float* A, int64_t ld
   constexpr int L = FVec::size();
   FVec c[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? FVec::loadu(C + r * ldc + v * L) : FVec(0.f);
+    for (int v = 0; v < NV; ++v) {
+      c[r][v] = accumulate ? FVec::loadu(C + r * ldc + v * L) : FVec(0.f);
+    }
   for (int64_t k = 0; k < K; ++k) {
     FVec x[NV];
     for (int v = 0; v < NV; ++v) x[v] = FVec::loadu(Xt + k * ldx + v * L);
@@ -72,7 +74,9 @@ void gemm_rows_nv(const float* A, int64_t lda, const float* Xt, int64_t ldx, int
                   int64_t ldc, int64_t M, bool accumulate) {
   constexpr int R = gemm_rows(NV);
   int64_t m = 0;
-  for (; m + R <= M; m += R) gemm_block<R, NV>(A + m * lda, lda, Xt, ldx, K, C + m * ldc, ldc, accumulate);
+  for (; m + R <= M; m += R) {
+    gemm_block<R, NV>(A + m * lda, lda, Xt, ldx, K, C + m * ldc, ldc, accumulate);
+  }
   if (m < M) {
     gemm_tail<NV>(static_cast<int>(M - m), A + m * lda, lda, Xt, ldx, K, C + m * ldc, ldc,
                   accumulate, std::make_integer_sequence<int, R - 1>{});

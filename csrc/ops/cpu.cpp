@@ -1,8 +1,6 @@
 // CPU implementations: the shared entry points bound to the kernels in csrc/cpu.
 #include <c10/core/Device.h>
 
-#include <ATen/Parallel.h>
-
 #include "cpu/blas.h"
 #include "cpu/gemm.h"
 #include "ops/cells.h"
@@ -36,7 +34,7 @@ struct CpuKernels {
   //   took 1.3-2.1x as long for 16 <= B <= 32 (bench/NOTES.md, "Cells: the gate GEMM
   //   transposed"), and the kernel moves them into place tile by tile.
   struct Staged {
-    at::Tensor sums, xt;
+    at::Tensor sums;
     cpu::StepSums desc;
   };
   static constexpr bool kTransposedSums = true;
@@ -56,17 +54,13 @@ struct CpuKernels {
     st.desc.sums = st.sums.data_ptr<float>();
     st.desc.ld = ld;
     if (fused) {
-      const int64_t Ka = a.size(1), Kb = b.size(1), slots = at::get_num_threads();
-      st.xt = at::empty({slots, Ka + Kb, ld}, a.options());
       st.desc.ready = false;
       st.desc.x = a.data_ptr<float>();
       st.desc.h = b.data_ptr<float>();
       st.desc.w_ih = wa.data_ptr<float>();
       st.desc.w_hh = wb.data_ptr<float>();
       st.desc.B = B;
-      st.desc.I = Ka;
-      st.desc.xt = st.xt.data_ptr<float>();
-      st.desc.xt_slots = slots;
+      st.desc.I = a.size(1);
       return true;
     }
     // rows [r0, r0 + w.size(0)) of the sums (+)= w [N, K] x^T, straight into the BLAS (at::mm's

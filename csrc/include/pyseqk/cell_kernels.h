@@ -53,18 +53,15 @@ struct StepSums {
   float* sums = nullptr;
   int64_t ld = 0;
   // true: sums holds them already (a BLAS GEMM). false: the kernel computes them with
-  // cpu::gemm_rows: sums = w_ih x^T + w_hh h^T, or stacked (GRU) [w_ih x^T ; w_hh h^T], from
-  // x [B, I] and h [B, H] (contiguous). Each thread first transposes x and h into its own slot
-  // of xt ([threads, I + H, ld], zero-padded columns; ld = 16 * nv, nv <= 3): a copy written by
-  // one core and read by the other cost the reader ~15 us a step in cache-line transfers.
+  // cpu::gemm_rows (ld = 16 * nv, nv <= 3): sums = w_ih x^T + w_hh h^T, or stacked (GRU)
+  // [w_ih x^T ; w_hh h^T], from x [B, I] and h [B, H] (contiguous), each thread first
+  // transposing x and h into a buffer of its own.
   bool ready = true;
   const float* x = nullptr;
   const float* h = nullptr;
   const float* w_ih = nullptr;
   const float* w_hh = nullptr;
   int64_t B = 0, I = 0;
-  float* xt = nullptr;
-  int64_t xt_slots = 0;
 };
 // sums: nullptr (ws, or hy for the RNN cell, holds the gate sums as documented above) or the
 // sums as a StepSums (float32 only).
