@@ -136,3 +136,32 @@ def test_module_torch_compile_fullgraph_backward(tcls, pcls, kw):
     assert all(g is not None for g in compiled)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("tcls,pcls,kw", PAIRS, ids=IDS)
+def test_parametrized_and_functional_call_weights(tcls, pcls, kw):
+    """forward reads the weights the way nn.Module does: a parametrized weight
+    (torch.nn.utils.parametrize) and torch.func.functional_call's substitutes are what it uses."""
+    from torch.nn.utils import parametrize
+
+    t, p = pair(tcls, pcls, kw)
+    x = torch.randn(3, 7)
+    h = torch.randn(3, 11)
+    state = (h, torch.randn(3, 11)) if tcls is torch.nn.LSTMCell else h
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    subs = {n: q * 0.5 for n, q in t.named_parameters()}
+    want = first(torch.func.functional_call(t, subs, (x, state)))
+    got = first(torch.func.functional_call(p, subs, (x, state)))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, first(p(x, state)))  # the substitutes were used
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    for m in (t, p):
+        parametrize.register_parametrization(m, "weight_hh", Half())
+    torch.testing.assert_close(first(p(x, state)), first(t(x, state)))

@@ -23,14 +23,25 @@ def _check_dims(cls_name: str, input: Tensor, hidden) -> bool:
 _RNN_CELL_FNS = {"tanh": F.rnn_tanh_cell, "relu": F.rnn_relu_cell}
 
 
+def _cell_params(m) -> tuple:
+    """(weight_ih, weight_hh, bias_ih, bias_hh) of a cell: read from m._parameters, where
+    nn.Module.__getattr__ would find them (four dict reads instead of four __getattr__ calls:
+    ~2 us of a ~45 us B=32 RNN cell step), or, where something else provides them
+    (parametrizations, weight_norm), through getattr."""
+    p = m._parameters
+    try:
+        return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
+    except KeyError:
+        return m.weight_ih, m.weight_hh, m.bias_ih, m.bias_hh
+
+
 class RNNCell(torch.nn.RNNCell):
     __doc__ = torch.nn.RNNCell.__doc__
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         if hx is not None and input.dim() == 2 and hx.dim() == 2 and self.nonlinearity in _RNN_CELL_FNS:
             # The common case in a time loop, kept free of per-call Python work.
-            return _RNN_CELL_FNS[self.nonlinearity](input, hx, self.weight_ih, self.weight_hh,
-                                                     self.bias_ih, self.bias_hh)
+            return _RNN_CELL_FNS[self.nonlinearity](input, hx, *_cell_params(self))
         batched = _check_dims("RNNCell", input, (("hidden", hx),))
         if not batched:
             input = input.unsqueeze(0)
@@ -51,8 +62,7 @@ class LSTMCell(torch.nn.LSTMCell):
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         if hx is not None and input.dim() == 2 and hx[0].dim() == 2 and hx[1].dim() == 2:
             # The common case in a time loop, kept free of per-call Python work.
-            return F.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
-                               self.bias_hh)
+            return F.lstm_cell(input, hx[0], hx[1], *_cell_params(self))
         hidden = () if hx is None else tuple((f"hx[{i}]", h) for i, h in enumerate(hx))
         batched = _check_dims("LSTMCell", input, hidden)
         if not batched:
@@ -73,7 +83,7 @@ class GRUCell(torch.nn.GRUCell):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         if hx is not None and input.dim() == 2 and hx.dim() == 2:
             # The common case in a time loop, kept free of per-call Python work.
-            return F.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            return F.gru_cell(input, hx, *_cell_params(self))
         batched = _check_dims("GRUCell", input, (("hidden", hx),))
         if not batched:
             input = input.unsqueeze(0)
