@@ -48,8 +48,8 @@ inline void transpose_tile(const float* src, int64_t ld_src, float* dst, int64_t
 // gates/2 from w_ih x^T and the rest from w_hh h^T.
 inline void step_sums_rows(const StepSums& st, int64_t gates, bool stacked, int64_t H, int64_t j0,
                            int64_t j1) {
-  const int nv = static_cast<int>(st.ld / FVec::size());
   const int64_t I = st.I, B = st.B, ld = st.ld, rows = j1 - j0;
+  TORCH_INTERNAL_ASSERT(ld == kGemmBatch, "pyseqk: StepSums.ld must be cpu::kGemmBatch");
   // This thread's own [x | h]^T ([I + H, ld], padding columns zero): a copy written by one core
   // and read by the other cost the reader ~15 us a step in cache-line transfers.
   thread_local std::vector<float> xt_buffer;
@@ -64,11 +64,11 @@ inline void step_sums_rows(const StepSums& st, int64_t gates, bool stacked, int6
   for (int64_t k = 0; k < gates; ++k) {
     float* c = st.sums + (k * H + j0) * ld;
     if (stacked && k >= gates / 2) {
-      gemm_rows(nv, st.w_hh + ((k - gates / 2) * H + j0) * H, H, xt_h, ld, H, c, ld, rows, false);
+      gemm_rows(st.w_hh + ((k - gates / 2) * H + j0) * H, H, xt_h, ld, H, c, ld, rows, false);
       continue;
     }
-    gemm_rows(nv, st.w_ih + (k * H + j0) * I, I, xt, ld, I, c, ld, rows, false);
-    if (!stacked) gemm_rows(nv, st.w_hh + (k * H + j0) * H, H, xt_h, ld, H, c, ld, rows, true);
+    gemm_rows(st.w_ih + (k * H + j0) * I, I, xt, ld, I, c, ld, rows, false);
+    if (!stacked) gemm_rows(st.w_hh + (k * H + j0) * H, H, xt_h, ld, H, c, ld, rows, true);
   }
 }
 

@@ -1,5 +1,5 @@
 // A register-blocked fp32 GEMM for the recurrent kernels' step shape: the gate sums of a batch
-// of B <= 48 rows, computed transposed,
+// of up to kGemmBatch rows, computed transposed,
 //   C[m, b] (+)= sum_k A[m, k] Xt[k, b]     A: weight rows [M, K] as stored, Xt: [K, ldx] (the
 //                                           inputs transposed, columns padded to whole vectors)
 // single-threaded, so that a kernel's own parallel loop runs it on the rows it owns and goes
@@ -13,7 +13,7 @@
 // operands hot in cache (bench/NOTES.md, "Cells: one fused step"): 310-340 GFLOP/s for
 // M = 256-1024, MKL 270-330 for the same sums; one thread 173 GFLOP/s (~90 % of a core's peak).
 // With one vector across the batch (B <= 16) the broadcasts make it load-bound, and with three
-// (B = 33-48) it lost to MKL in the cells: the cells use two.
+// (B = 33-48) it lost to MKL in the cells, so it is built for two: kGemmBatch lanes.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -31,12 +31,19 @@ using FVec = at::vec::Vectorized<float>;
 // Vector registers of the build's ISA (AVX-512: 32, AVX2: 16).
 constexpr int kVecRegs = FVec::size() == 16 ? 32 : 16;
 
-// The batch widths (in vectors) the micro-kernel is built for: up to 48 rows on AVX-512.
-constexpr int kMaxGemmVecs = 3;
+// Vectors across the batch, and the batch rows they hold (32 on AVX-512): Xt and C have this
+// many columns; those past the batch are padding, computed and never read (columns are
+// independent).
+constexpr int kGemmVecs = 2;
+constexpr int64_t kGemmBatch = kGemmVecs * FVec::size();
+
+// Whether the recurrent kernels use this GEMM (the fused cell step, the layers' mid-batch
+// team): on AVX-512 builds, the only ISA it was measured on.
+constexpr bool kGemmFused = FVec::size() == 16;
 
 // Rows per register block for NV batch vectors: the accumulators, NV inputs and one broadcast
 // fill the register file.
-constexpr int gemm_rows(int nv) { return std::min(16, (kVecRegs - nv - 1) / nv); }
+constexpr int gemm_block_rows(int nv) { return std::min(16, (kVecRegs - nv - 1) / nv); }
 
 template <int R, int NV>
 __attribute__((always_inline)) inline void gemm_block(const float* A, int64_t lda, const float* Xt,
@@ -64,15 +71,16 @@ template <int NV, int... Rs>
 inline void gemm_tail(int rows, const float* A, int64_t lda, const float* Xt, int64_t ldx,
                       int64_t K, float* C, int64_t ldc, bool accumulate,
                       std::integer_sequence<int, Rs...>) {
-  // rows < gemm_rows(NV): one block of exactly that many rows.
+  // rows < gemm_block_rows(NV): one block of exactly that many rows.
   ((rows == Rs + 1 ? gemm_block<Rs + 1, NV>(A, lda, Xt, ldx, K, C, ldc, accumulate) : void()),
    ...);
 }
 
-template <int NV>
-void gemm_rows_nv(const float* A, int64_t lda, const float* Xt, int64_t ldx, int64_t K, float* C,
-                  int64_t ldc, int64_t M, bool accumulate) {
-  constexpr int R = gemm_rows(NV);
+// C[m, :kGemmBatch] (+)= A[m, :K] Xt[:K, :kGemmBatch] for m < M; Xt and C have row strides ldx
+// and ldc (at least kGemmBatch).
+inline void gemm_rows(const float* A, int64_t lda, const float* Xt, int64_t ldx, int64_t K,
+                      float* C, int64_t ldc, int64_t M, bool accumulate) {
+  constexpr int NV = kGemmVecs, R = gemm_block_rows(NV);
   int64_t m = 0;
   for (; m + R <= M; m += R) {
     gemm_block<R, NV>(A + m * lda, lda, Xt, ldx, K, C + m * ldc, ldc, accumulate);
@@ -80,17 +88,6 @@ void gemm_rows_nv(const float* A, int64_t lda, const float* Xt, int64_t ldx, int
   if (m < M) {
     gemm_tail<NV>(static_cast<int>(M - m), A + m * lda, lda, Xt, ldx, K, C + m * ldc, ldc,
                   accumulate, std::make_integer_sequence<int, R - 1>{});
-  }
-}
-
-// C[m, 0:nv*L] (+)= A[m, :K] Xt[:K, 0:nv*L] for m < M (C's padding columns are written too);
-// 1 <= nv <= kMaxGemmVecs.
-inline void gemm_rows(int nv, const float* A, int64_t lda, const float* Xt, int64_t ldx, int64_t K,
-                      float* C, int64_t ldc, int64_t M, bool accumulate) {
-  switch (nv) {
-    case 1: return gemm_rows_nv<1>(A, lda, Xt, ldx, K, C, ldc, M, accumulate);
-    case 2: return gemm_rows_nv<2>(A, lda, Xt, ldx, K, C, ldc, M, accumulate);
-    default: return gemm_rows_nv<3>(A, lda, Xt, ldx, K, C, ldc, M, accumulate);
   }
 }
 

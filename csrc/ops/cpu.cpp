@@ -39,17 +39,16 @@ struct CpuKernels {
   };
   static constexpr bool kTransposedSums = true;
   static constexpr int64_t kMinTransposedBatch = 12, kMaxTransposedBatch = 48;
-  static constexpr int64_t kMinFusedBatch = 24, kMaxFusedBatch = 32;
+  static constexpr int64_t kMinFusedBatch = 24;  // up to cpu::kGemmBatch
   static bool stage_sums(Staged& st, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b,
                          const at::Tensor& wb, bool stacked) {
     const int64_t B = a.size(0), Na = wa.size(0), Nb = stacked ? wb.size(0) : 0;
-    const int64_t L = cpu::FVec::size(), nv = (B + L - 1) / L;
     if (a.scalar_type() != at::kFloat || !b.defined()) return false;
-    const bool fused = L == 16 && B >= kMinFusedBatch && B <= kMaxFusedBatch &&
+    const bool fused = cpu::kGemmFused && B >= kMinFusedBatch && B <= cpu::kGemmBatch &&
                        a.is_contiguous() && b.is_contiguous() && wa.is_contiguous() &&
                        wb.is_contiguous();
     if (!fused && (B < kMinTransposedBatch || B > kMaxTransposedBatch)) return false;
-    const int64_t ld = fused ? nv * L : B;
+    const int64_t ld = fused ? cpu::kGemmBatch : B;
     st.sums = at::empty({Na + Nb, ld}, a.options());
     st.desc.sums = st.sums.data_ptr<float>();
     st.desc.ld = ld;

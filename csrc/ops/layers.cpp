@@ -241,9 +241,9 @@ struct CpuLayerKernels {
   template <class GemmOf, class Point>
   static bool mid_batch_team(const Weight& w, int64_t T, int64_t B, int64_t H, int G,
                              const GemmOf& gemm_of, const Point& point) {
-    constexpr int64_t L = cpu::FVec::size(), kNv = 2, ld = kNv * L;
+    constexpr int64_t ld = cpu::kGemmBatch;
     const int threads = at::get_num_threads();
-    if (L != 16 || G == 0 || T == 0 || threads < 2 || B < kTeamMinBatch || B > ld ||
+    if (!cpu::kGemmFused || G == 0 || T == 0 || threads < 2 || B < kTeamMinBatch || B > ld ||
         !w.w.defined() || w.w.scalar_type() != at::kFloat || at::in_parallel_region() ||
         gemm_of(0).beta != 1.0) {
       return false;
@@ -271,8 +271,8 @@ struct CpuLayerKernels {
             auto* c = static_cast<float*>(g.C);
             cpu::transpose_f32(static_cast<const float*>(g.A), g.lda, ht, ld, g.m, K);
             for (int k = 0; k < G; ++k) {
-              cpu::gemm_rows(kNv, wr + (k * H + c0) * K, K, ht, ld, K, sums + k * units * ld, ld,
-                             units, false);
+              cpu::gemm_rows(wr + (k * H + c0) * K, K, ht, ld, K, sums + k * units * ld, ld, units,
+                             false);
               cpu::transpose_f32(sums + k * units * ld, ld, c + k * H + c0, g.ldc, units, g.m,
                                  /*accumulate=*/true);
             }

@@ -53,7 +53,7 @@ struct StepSums {
   float* sums = nullptr;
   int64_t ld = 0;
   // true: sums holds them already (a BLAS GEMM). false: the kernel computes them with
-  // cpu::gemm_rows (ld = 16 * nv, nv <= 3): sums = w_ih x^T + w_hh h^T, or stacked (GRU)
+  // cpu::gemm_rows (ld = cpu::kGemmBatch): sums = w_ih x^T + w_hh h^T, or stacked (GRU)
   // [w_ih x^T ; w_hh h^T], from x [B, I] and h [B, H] (contiguous), each thread first
   // transposing x and h into a buffer of its own.
   bool ready = true;
