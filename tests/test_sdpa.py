@@ -68,9 +68,11 @@ def torch_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=
 
 
 def check(backend, dtype, batch=(2,), Hq=3, Hk=3, L=5, S=7, E=4, Ev=4, mask_shape=None,
-          mask_kind="bool", is_causal=False, scale=None, what=""):
+          mask_kind="bool", is_causal=False, scale=None, what="", transpose_mask=False):
     q, k, v = make_qkv(batch, Hq, Hk, L, S, E, Ev, dtype)
     mask = None if mask_shape is None else make_mask(mask_shape, mask_kind, dtype)
+    if transpose_mask:  # the same values through a non-contiguous view (key stride != 1)
+        mask = mask.transpose(-1, -2).contiguous().transpose(-1, -2)
     gqa = Hq != Hk
     kw = dict(is_causal=is_causal, scale=scale, enable_gqa=gqa)
 
@@ -96,7 +98,9 @@ SHAPES = [  # (batch, Hq, Hk, L, S, E, Ev)
     ((2,), 3, 3, 3, 5, 5, 3),
     ((1,), 2, 2, 97, 97, 16, 16),
     ((2,), 2, 1, 130, 200, 8, 5),  # crosses the 64-row diagonal strips and 128 x 128 backward tiles
-    ((1,), 2, 1, 300, 270, 8, 8),  # crosses the 256-row and 256-key forward tiles
+    ((1,), 2, 1, 300, 270, 8, 8),  # crosses the 256-row and 256-key forward tiles; the fp32
+                                   # forward's 128-row tiles, 112-key blocks and a 12-row partial
+                                   # 32-row micro-tile
 ]
 
 
@@ -127,6 +131,22 @@ MASK_SHAPES = [  # broadcast to [B=2, H=3, L=5, S=7]
 def test_sdpa_mask_shapes(backend, mask_shape, kind):
     check(backend, torch.float32, (2,), 3, 3, 5, 7, 4, 4, mask_shape=mask_shape, mask_kind=kind,
           what=f"mask {kind} {mask_shape}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_shape,transpose", [
+    ((140, 250), False),        # contiguous rows: the fp32 forward transposes mask tiles
+    ((140, 250), True),         # key stride != 1: its element-wise path
+    ((2, 1, 1, 250), False),    # query stride 0 (a key padding mask)
+    ((140, 1), False),          # key stride 0
+], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_mask_across_tiles(backend, mask_shape, transpose, causal):
+    """Masks over several query tiles, key blocks and a partial micro-tile (L = 140 = 128 + 12),
+    through each way the fp32 forward reads them."""
+    check(backend, torch.float32, (2,), 2, 2, 140, 250, 8, 8, mask_shape=mask_shape,
+          mask_kind="additive", is_causal=causal, transpose_mask=transpose,
+          what=f"mask {mask_shape} transposed={transpose} causal={causal}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)

@@ -45,10 +45,16 @@ constexpr bool kGemmFused = FVec::size() == 16;
 // fill the register file.
 constexpr int gemm_block_rows(int nv) { return std::min(16, (kVecRegs - nv - 1) / nv); }
 
-template <int R, int NV>
-__attribute__((always_inline)) inline void gemm_block(const float* A, int64_t lda, const float* Xt,
-                                                      int64_t ldx, int64_t K, float* C,
-                                                      int64_t ldc, bool accumulate) {
+// A's stride along k: 1, known at compile time (weight rows, attention keys), or a run-time
+// stride (attention values, read as A[e, j] = V[j, e]: lda = 1, ak = V's row stride).
+struct UnitStride {
+  constexpr operator int64_t() const { return 1; }
+};
+
+template <int R, int NV, class AK>
+__attribute__((always_inline)) inline void gemm_block(const float* A, int64_t lda, AK ak,
+                                                      const float* Xt, int64_t ldx, int64_t K,
+                                                      float* C, int64_t ldc, bool accumulate) {
   constexpr int L = FVec::size();
   FVec c[R][NV];
   for (int r = 0; r < R; ++r)
@@ -59,7 +65,7 @@ __attribute__((always_inline)) inline void gemm_block(const float* A, int64_t ld
     FVec x[NV];
     for (int v = 0; v < NV; ++v) x[v] = FVec::loadu(Xt + k * ldx + v * L);
     for (int r = 0; r < R; ++r) {
-      const FVec a(A[r * lda + k]);
+      const FVec a(A[r * lda + k * static_cast<int64_t>(ak)]);
       for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(a, x[v], c[r][v]);
     }
   }
@@ -67,26 +73,28 @@ __attribute__((always_inline)) inline void gemm_block(const float* A, int64_t ld
     for (int v = 0; v < NV; ++v) c[r][v].store(C + r * ldc + v * L);
 }
 
-template <int NV, int... Rs>
-inline void gemm_tail(int rows, const float* A, int64_t lda, const float* Xt, int64_t ldx,
+template <int NV, class AK, int... Rs>
+inline void gemm_tail(int rows, const float* A, int64_t lda, AK ak, const float* Xt, int64_t ldx,
                       int64_t K, float* C, int64_t ldc, bool accumulate,
                       std::integer_sequence<int, Rs...>) {
   // rows < gemm_block_rows(NV): one block of exactly that many rows.
-  ((rows == Rs + 1 ? gemm_block<Rs + 1, NV>(A, lda, Xt, ldx, K, C, ldc, accumulate) : void()),
+  ((rows == Rs + 1 ? gemm_block<Rs + 1, NV>(A, lda, ak, Xt, ldx, K, C, ldc, accumulate)
+                   : void()),
    ...);
 }
 
-// C[m, :kGemmBatch] (+)= A[m, :K] Xt[:K, :kGemmBatch] for m < M; Xt and C have row strides ldx
-// and ldc (at least kGemmBatch).
+// C[m, :kGemmBatch] (+)= sum_k A[m * lda + k * ak] Xt[k, :kGemmBatch] for m < M, k < K; Xt and C
+// have row strides ldx and ldc (at least kGemmBatch).
+template <class AK = UnitStride>
 inline void gemm_rows(const float* A, int64_t lda, const float* Xt, int64_t ldx, int64_t K,
-                      float* C, int64_t ldc, int64_t M, bool accumulate) {
+                      float* C, int64_t ldc, int64_t M, bool accumulate, AK ak = {}) {
   constexpr int NV = kGemmVecs, R = gemm_block_rows(NV);
   int64_t m = 0;
   for (; m + R <= M; m += R) {
-    gemm_block<R, NV>(A + m * lda, lda, Xt, ldx, K, C + m * ldc, ldc, accumulate);
+    gemm_block<R, NV>(A + m * lda, lda, ak, Xt, ldx, K, C + m * ldc, ldc, accumulate);
   }
   if (m < M) {
-    gemm_tail<NV>(static_cast<int>(M - m), A + m * lda, lda, Xt, ldx, K, C + m * ldc, ldc,
+    gemm_tail<NV>(static_cast<int>(M - m), A + m * lda, lda, ak, Xt, ldx, K, C + m * ldc, ldc,
                   accumulate, std::make_integer_sequence<int, R - 1>{});
   }
 }

@@ -13,6 +13,9 @@
 #include <vector>
 
 #include "cpu/blas.h"
+#include "cpu/gemm.h"
+#include "cpu/vec_io.h"
+#include "pyseqk/cell_kernels.h"
 #include "pyseqk/dropout_hash.h"
 #include "pyseqk/sdpa_kernels.h"
 
@@ -105,14 +108,20 @@ inline T exp_sub_sum(T* x, int64_t n, T m) {
   return s;
 }
 
-// x[j] = exp(x[j] - lse) for j < n (the backward's recomputed probabilities).
+// x[j] = min(exp(x[j] - lse), 1) for j < n (the backward's recomputed probabilities). The
+// forward's scores come from another GEMM (flash_forward's, in log2 units), so s - lse can exceed
+// 0 by the two GEMMs' rounding difference: nothing at ordinary scores, but with scores of 1e30
+// it is 1e23 and exp gives inf (NaN gradients where torch's are finite: test_bad_input). A
+// probability is at most 1 (NaN stays NaN: at::vec::minimum propagates it).
 template <class T>
 inline void exp_sub(T* x, int64_t n, T lse) {
   constexpr int64_t W = Vec<T>::size();
-  const Vec<T> vl(lse);
+  const Vec<T> vl(lse), one(T(1));
   int64_t j = 0;
-  for (; j + W <= n; j += W) vexp<T>(Vec<T>::loadu(x + j) - vl).store(x + j);
-  if (j < n) vexp<T>(Vec<T>::loadu(x + j, n - j) - vl).store(x + j, n - j);
+  for (; j + W <= n; j += W) at::vec::minimum(vexp<T>(Vec<T>::loadu(x + j) - vl), one).store(x + j);
+  if (j < n) {
+    at::vec::minimum(vexp<T>(Vec<T>::loadu(x + j, n - j) - vl), one).store(x + j, n - j);
+  }
 }
 
 template <class T>
@@ -242,6 +251,177 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
     }
   });
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The fp32 forward on AVX-512 builds, without dropout: the same online softmax, with the tiles
+// transposed so that the query rows run along the vector lanes and both products are gemm.h's
+// register-blocked kernel instead of a BLAS call each:
+//   S^T[j, i] = sum_d K[j, d] Qt[d, i]      (Qt: the query tile transposed, scaled, once per tile)
+//   O^T[e, i] += sum_j V[j, e] P^T[j, i]    (V read in place: A[e, j] = V[j, e])
+// Each micro-tile is kGemmBatch (32) query rows, two vectors. Along the keys, the row max, the
+// rescale and the row sum are then lane-wise vector operations (no horizontal reductions), and
+// the causal mask is a lane mask on the 32 key rows of the diagonal, which is all the causal work
+// wasted. Measured against the BLAS version: bench/NOTES.md, "SDPA: a forward of our own".
+constexpr int64_t kFlashTileQ = 4 * kGemmBatch;  // query rows per task: the key block is read
+                                                 // from L1/L2 by four micro-tiles
+constexpr int64_t kFlashBlockK = 112;             // key rows per block: 8 gemm.h blocks of 14
+
+// The scores are kept in log2 units (the query tile scaled by scale * log2 e, the mask by log2 e),
+// so that the softmax's exponentials are powers of two (math::exp2_softmax_f32x16).
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+
+// sc[j, i] += log2 e * mask[q0 + i, j0 + j] for the nk key rows of a micro-tile's scores (lanes past
+// the last query row get nothing). A mask that does not vary along the queries (a key padding
+// mask) is one broadcast per key row; otherwise the tile is transposed into mt first, through
+// registers when the keys are contiguous.
+void add_mask_tile(const SdpaArgs& a, const float* mask_bh, int64_t q0, int64_t j0, int64_t nk,
+                   float* mt, float* sc) {
+  constexpr int64_t W = kGemmBatch, lanes = FVec::size();
+  const int64_t rows = std::min(W, a.L - q0), si = a.mask_stride[2], sj = a.mask_stride[3];
+  const float* src = mask_bh + q0 * si + j0 * sj;
+  const __m512 log2e = _mm512_set1_ps(kLog2e);
+  if (si == 0) {
+    for (int64_t j = 0; j < nk; ++j) {
+      const __m512 mv = _mm512_set1_ps(src[j * sj]);
+      for (int64_t x = 0; x < W; x += lanes) {
+        float* p = sc + j * W + x;
+        _mm512_storeu_ps(p, _mm512_fmadd_ps(mv, log2e, _mm512_loadu_ps(p)));
+      }
+    }
+    return;
+  }
+  if (sj == 1) {
+    transpose_f32(src, si, mt, W, rows, nk);
+  } else {
+    for (int64_t j = 0; j < nk; ++j)
+      for (int64_t i = 0; i < rows; ++i) mt[j * W + i] = src[i * si + j * sj];
+  }
+  for (int64_t x = 0; x < rows; x += lanes) {
+    const int64_t n = std::min(lanes, rows - x);
+    const __mmask16 live = static_cast<__mmask16>(n == lanes ? 0xFFFF : (1u << n) - 1);
+    for (int64_t j = 0; j < nk; ++j) {
+      float* p = sc + j * W + x;
+      _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, mt + j * W + x), log2e,
+                                          _mm512_loadu_ps(p)));
+    }
+  }
+}
+
+void flash_forward(const SdpaArgs& a, float* out, float* lse) {
+  constexpr int64_t W = kGemmBatch, BQ = kFlashTileQ, BK = kFlashBlockK, NV = kGemmVecs;
+  constexpr int64_t lanes = FVec::size();
+  const int64_t L = a.L, S = a.S, E = a.E, Ev = a.Ev, group = a.Hq / a.Hk;
+  const int64_t nq = (L + BQ - 1) / BQ;
+  const float* q = static_cast<const float*>(a.query);
+  const float* k = static_cast<const float*>(a.key);
+  const float* v = static_cast<const float*>(a.value);
+  const float* mask = static_cast<const float*>(a.mask);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+
+  at::parallel_for(0, a.B * a.Hq * nq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qt_buf(E * BQ), ot_buf(Ev * BQ), sc_buf(BK * W), mt_buf(mask ? BK * W : 0);
+    float *qt = qt_buf.data(), *ot = ot_buf.data(), *sc = sc_buf.data(), *mt = mt_buf.data();
+    __m512 m[BQ / lanes], l[BQ / lanes];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t u = t % nq, qb = (u & 1) ? nq - 1 - (u >> 1) : (u >> 1);  // as forward()
+      const int64_t bh = t / nq, b = bh / a.Hq, h = bh % a.Hq, hk = h / group;
+      const int64_t i0 = qb * BQ, mq = std::min(BQ, L - i0);
+      const float* K = k + b * a.sk.b + hk * a.sk.h;
+      const float* V = v + b * a.sv.b + hk * a.sv.h;
+      const float* mask_bh = mask_base<float>(a, b, h);
+      // Qt = scale * Q^T, the columns past the last query row zero.
+      if (mq < BQ) std::fill(qt_buf.begin(), qt_buf.end(), 0.f);
+      transpose_f32(q + b * a.sq.b + h * a.sq.h + i0 * a.sq.row, a.sq.row, qt, BQ, mq, E);
+      scale_row(qt, E * BQ, static_cast<float>(a.scale * kLog2e));
+      std::fill(ot_buf.begin(), ot_buf.end(), 0.f);
+      for (int64_t g = 0; g < BQ / lanes; ++g) {
+        m[g] = ninf;
+        l[g] = _mm512_setzero_ps();
+      }
+      // Causal: micro-tile w (rows q0 .. q0 + W) sees keys up to its last row.
+      const int64_t kend = a.is_causal ? std::min(S, i0 + mq) : S;
+      for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+        for (int64_t w = 0; w * W < mq; ++w) {
+          const int64_t q0 = i0 + w * W;
+          const int64_t nk = std::min({BK, kend - j0, a.is_causal ? q0 + W - j0 : BK});
+          if (nk <= 0) continue;
+          gemm_rows(K + j0 * a.sk.row, a.sk.row, qt + w * W, BQ, E, sc, W, nk, false);
+          if (mask_bh) add_mask_tile(a, mask_bh, q0, j0, nk, mt, sc);
+          if (a.is_causal && j0 + nk > q0 + 1) {
+            // key row j hides the lanes i < j - q0 (query q0 + i sees keys up to q0 + i)
+            for (int64_t j = std::max(j0, q0 + 1); j < j0 + nk; ++j) {
+              for (int64_t x = 0; x < W; x += lanes) {
+                const int64_t n = std::clamp<int64_t>(j - q0 - x, 0, lanes);
+                const __mmask16 hide = static_cast<__mmask16>(n == lanes ? 0xFFFF : (1u << n) - 1);
+                float* p = sc + (j - j0) * W + x;
+                _mm512_storeu_ps(p, _mm512_mask_mov_ps(_mm512_loadu_ps(p), hide, ninf));
+              }
+            }
+          }
+          for (int64_t x = 0; x < NV; ++x) {
+            const int64_t g = w * NV + x;
+            float* col = sc + x * lanes;
+            // four running maxima: one would wait on vmaxps's latency every row
+            __m512 mx4[4] = {ninf, ninf, ninf, ninf};
+            int64_t j = 0;
+            for (; j + 4 <= nk; j += 4)
+              for (int y = 0; y < 4; ++y)
+                mx4[y] = _mm512_max_ps(mx4[y], _mm512_loadu_ps(col + (j + y) * W));
+            for (; j < nk; ++j) mx4[0] = _mm512_max_ps(mx4[0], _mm512_loadu_ps(col + j * W));
+            const __m512 mx = _mm512_max_ps(_mm512_max_ps(mx4[0], mx4[1]),
+                                            _mm512_max_ps(mx4[2], mx4[3]));
+            const __m512 m_new = _mm512_max_ps(m[g], mx);
+            // a lane with nothing to attend yet: exp(s - 0) keeps its probabilities 0
+            const __m512 m_safe =
+                _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ),
+                                   _mm512_setzero_ps());
+            const __m512 alpha = math::exp2_softmax_f32x16(_mm512_sub_ps(m[g], m_safe));
+            // NaN scores (and +inf - +inf) give NaN probabilities, so a NaN sum and a NaN
+            // output row, as in torch
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < nk; ++j) {
+              const __m512 p =
+                  math::exp2_softmax_f32x16(_mm512_sub_ps(_mm512_loadu_ps(col + j * W), m_safe));
+              _mm512_storeu_ps(col + j * W, p);
+              sum = _mm512_add_ps(sum, p);
+            }
+            l[g] = _mm512_fmadd_ps(l[g], alpha, sum);
+            m[g] = m_new;
+            if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ)) {
+              float* o = ot + w * W + x * lanes;
+              for (int64_t e = 0; e < Ev; ++e)
+                _mm512_storeu_ps(o + e * BQ, _mm512_mul_ps(_mm512_loadu_ps(o + e * BQ), alpha));
+            }
+          }
+          gemm_rows(V + j0 * a.sv.row, 1, sc, W, nk, ot + w * W, BQ, Ev, true, a.sv.row);
+        }
+      }
+      // O = O^T / l, transposed back; lse = m ln 2 + log l (+inf and a zero row where l = 0).
+      alignas(64) float inv[BQ], mv[BQ], lv[BQ];
+      for (int64_t g = 0; g < BQ / lanes; ++g) {
+        const __m512 lg = l[g];
+        _mm512_store_ps(lv + g * lanes, lg);
+        _mm512_store_ps(mv + g * lanes, m[g]);
+        // l = 0 (no key attended): inv = 0 gives the zero row
+        const __mmask16 empty = _mm512_cmp_ps_mask(lg, _mm512_setzero_ps(), _CMP_EQ_OQ);
+        _mm512_store_ps(inv + g * lanes,
+                        _mm512_maskz_div_ps(static_cast<__mmask16>(~empty), _mm512_set1_ps(1.f), lg));
+      }
+      for (int64_t e = 0; e < Ev; ++e) {
+        float* o = ot + e * BQ;
+        for (int64_t x = 0; x < BQ; x += lanes)
+          _mm512_storeu_ps(o + x, _mm512_mul_ps(_mm512_loadu_ps(o + x), _mm512_load_ps(inv + x)));
+      }
+      transpose_f32(ot, BQ, out + (bh * L + i0) * Ev, Ev, Ev, mq);
+      float* lse_row = lse + bh * L + i0;
+      for (int64_t r = 0; r < mq; ++r) {
+        lse_row[r] = lv[r] == 0.f ? std::numeric_limits<float>::infinity()
+                                  : mv[r] * kLn2 + std::log(lv[r]);
+      }
+    }
+  });
+}
+#endif
 
 // One [query tile x key tile] block of the backward: recomputes P = exp(S - lse), then
 // dV += P_d^T dO, dP = dO V^T, dS = P * (dP_d - delta), and adds dS's contributions to dK (with
@@ -399,6 +579,12 @@ void backward(const SdpaArgs& a, const T* dout, SdpaStrides sdo, const T* out, S
 }  // namespace
 
 void sdpa_forward(DType dtype, const SdpaArgs& a, void* out, void* lse) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (dtype == DType::kFloat32 && a.dropout_p == 0.0) {
+    flash_forward(a, static_cast<float*>(out), static_cast<float*>(lse));
+    return;
+  }
+#endif
   if (dtype == DType::kFloat64) {
     forward<double>(a, static_cast<double*>(out), static_cast<double*>(lse));
   } else {

@@ -38,6 +38,28 @@ inline __m512 exp_f32x16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
+// 2^x for the attention softmax, whose arguments are s - max <= 0 (in log2 units): n = round(x),
+// f = x - n in [-1/2, 1/2] exactly (no Cody-Waite split), 2^f by a degree-5 polynomial (least
+// squares on Chebyshev nodes, reweighted towards equal ripple: 7.5e-8 relative, 2.3e-7 as
+// evaluated in fp32, against exp_u20's ~2.4e-6), times 2^n by scalef. 10 vector operations where
+// at::vec's exp_u20 takes ~25 (bench/NOTES.md, "SDPA: a forward of our own").
+// x < -125 (-inf included) gives exactly 0: never a denormal, which would cost a microcode assist
+// here and in every FMA that reads it (a first version let 2^-150 round up to one: causal
+// attention ran 3x slower). NaN stays NaN (the constant is max's first operand, and the compare
+// is unordered-true).
+inline __m512 exp2_softmax_f32x16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-126.f), x);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.32764654699713e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675540961325169e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713464617729e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
 // 1/d: the 14-bit estimate and one Newton step (~2^-28 relative), instead of a division.
 inline __m512 rcp_f32x16(__m512 d) {
   const __m512 y = _mm512_rcp14_ps(d);
