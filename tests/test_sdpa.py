@@ -240,15 +240,23 @@ def _native_or_skip(backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_sdpa_dropout_equals_reference_hash(backend):
+@pytest.mark.parametrize("dtype,L,S,tol", [
+    (torch.float64, 37, 150, 1e-12),
+    # the fp32 CPU forward's own path: several query tiles and key blocks, a partial micro-tile
+    (torch.float32, 140, 250, 1e-5),
+], ids=str)
+def test_sdpa_dropout_equals_reference_hash(backend, dtype, L, S, tol):
     op = _native_or_skip(backend)
-    q, k, v = make_qkv((2,), 4, 2, 37, 150, 8, 6, torch.float64)
-    mask = make_mask((37, 150), "bool", None)
+    q, k, v = make_qkv((2,), 4, 2, L, S, 8, 6, dtype)
+    mask = make_mask((L, S), "bool", None)
+    q64, k64, v64 = q.double(), k.double(), v.double()
     for causal in (False, True):
-        out, _ = op(q, k, v, mask.expand(2, 4, 37, 150), 0.3, causal, 0.4, 1234)
-        ref = R.scaled_dot_product_attention(q, k, v, mask, 0.3, causal, 0.4, enable_gqa=True, seed=1234)
-        assert max_err(out, ref) < 1e-12, causal
-        ref_other = R.scaled_dot_product_attention(q, k, v, mask, 0.3, causal, 0.4, enable_gqa=True, seed=1235)
+        out, _ = op(q, k, v, mask.expand(2, 4, L, S), 0.3, causal, 0.4, 1234)
+        ref = R.scaled_dot_product_attention(q64, k64, v64, mask, 0.3, causal, 0.4, enable_gqa=True,
+                                             seed=1234)
+        assert max_err(out, ref) < tol, causal
+        ref_other = R.scaled_dot_product_attention(q64, k64, v64, mask, 0.3, causal, 0.4,
+                                                   enable_gqa=True, seed=1235)
         assert max_err(out, ref_other) > 1e-3  # the seed matters
 
 

@@ -253,7 +253,7 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The fp32 forward on AVX-512 builds, without dropout: the same online softmax, with the tiles
+// The fp32 forward on AVX-512 builds: the same online softmax, with the tiles
 // transposed so that the query rows run along the vector lanes and both products are gemm.h's
 // register-blocked kernel instead of a BLAS call each:
 //   S^T[j, i] = sum_d K[j, d] Qt[d, i]      (Qt: the query tile transposed, scaled, once per tile)
@@ -307,6 +307,17 @@ void add_mask_tile(const SdpaArgs& a, const float* mask_bh, int64_t q0, int64_t 
   }
 }
 
+// dropout::keep for 16 query rows at once (their row keys in rk) and one key column j.
+inline __mmask16 keep_lanes(__m512i rk, uint32_t j, __m512i threshold) {
+  __m512i h = _mm512_xor_si512(rk, _mm512_set1_epi32(static_cast<int>(j * 0xC2B2AE3Du)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  return _mm512_cmpge_epu32_mask(_mm512_srli_epi32(h, 8), threshold);
+}
+
 void flash_forward(const SdpaArgs& a, float* out, float* lse) {
   constexpr int64_t W = kGemmBatch, BQ = kFlashTileQ, BK = kFlashBlockK, NV = kGemmVecs;
   constexpr int64_t lanes = FVec::size();
@@ -317,11 +328,15 @@ void flash_forward(const SdpaArgs& a, float* out, float* lse) {
   const float* v = static_cast<const float*>(a.value);
   const float* mask = static_cast<const float*>(a.mask);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const bool dropout = a.dropout_p > 0.0;
+  const __m512i threshold = _mm512_set1_epi32(static_cast<int>(dropout::threshold(a.dropout_p)));
+  const float keep_scale = static_cast<float>(1.0 / (1.0 - a.dropout_p));
 
   at::parallel_for(0, a.B * a.Hq * nq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qt_buf(E * BQ), ot_buf(Ev * BQ), sc_buf(BK * W), mt_buf(mask ? BK * W : 0);
     float *qt = qt_buf.data(), *ot = ot_buf.data(), *sc = sc_buf.data(), *mt = mt_buf.data();
     __m512 m[BQ / lanes], l[BQ / lanes];
+    alignas(64) uint32_t row_keys[BQ];  // dropout: dropout::row_key of each query row
     for (int64_t t = begin; t < end; ++t) {
       const int64_t u = t % nq, qb = (u & 1) ? nq - 1 - (u >> 1) : (u >> 1);  // as forward()
       const int64_t bh = t / nq, b = bh / a.Hq, h = bh % a.Hq, hk = h / group;
@@ -337,6 +352,12 @@ void flash_forward(const SdpaArgs& a, float* out, float* lse) {
       for (int64_t g = 0; g < BQ / lanes; ++g) {
         m[g] = ninf;
         l[g] = _mm512_setzero_ps();
+      }
+      if (dropout) {
+        for (int64_t r = 0; r < BQ; ++r) {
+          row_keys[r] = dropout::row_key(a.seed, static_cast<uint32_t>(bh),
+                                         static_cast<uint32_t>(i0 + r));
+        }
       }
       // Causal: micro-tile w (rows q0 .. q0 + W) sees keys up to its last row.
       const int64_t kend = a.is_causal ? std::min(S, i0 + mq) : S;
@@ -379,11 +400,26 @@ void flash_forward(const SdpaArgs& a, float* out, float* lse) {
             // NaN scores (and +inf - +inf) give NaN probabilities, so a NaN sum and a NaN
             // output row, as in torch
             __m512 sum = _mm512_setzero_ps();
-            for (int64_t j = 0; j < nk; ++j) {
-              const __m512 p =
-                  math::exp2_softmax_f32x16(_mm512_sub_ps(_mm512_loadu_ps(col + j * W), m_safe));
-              _mm512_storeu_ps(col + j * W, p);
-              sum = _mm512_add_ps(sum, p);
+            if (dropout) {
+              // the row sums take every probability, P V only the kept ones (their 1/(1-p)
+              // comes with the final 1/l)
+              const __m512i rk = _mm512_load_si512(row_keys + g * lanes);
+              for (int64_t j = 0; j < nk; ++j) {
+                const __m512 p = math::exp2_softmax_f32x16(
+                    _mm512_sub_ps(_mm512_loadu_ps(col + j * W), m_safe));
+                sum = _mm512_add_ps(sum, p);
+                _mm512_storeu_ps(col + j * W,
+                                 _mm512_maskz_mov_ps(keep_lanes(rk, static_cast<uint32_t>(j0 + j),
+                                                                threshold),
+                                                     p));
+              }
+            } else {
+              for (int64_t j = 0; j < nk; ++j) {
+                const __m512 p = math::exp2_softmax_f32x16(
+                    _mm512_sub_ps(_mm512_loadu_ps(col + j * W), m_safe));
+                _mm512_storeu_ps(col + j * W, p);
+                sum = _mm512_add_ps(sum, p);
+              }
             }
             l[g] = _mm512_fmadd_ps(l[g], alpha, sum);
             m[g] = m_new;
@@ -404,8 +440,8 @@ void flash_forward(const SdpaArgs& a, float* out, float* lse) {
         _mm512_store_ps(mv + g * lanes, m[g]);
         // l = 0 (no key attended): inv = 0 gives the zero row
         const __mmask16 empty = _mm512_cmp_ps_mask(lg, _mm512_setzero_ps(), _CMP_EQ_OQ);
-        _mm512_store_ps(inv + g * lanes,
-                        _mm512_maskz_div_ps(static_cast<__mmask16>(~empty), _mm512_set1_ps(1.f), lg));
+        _mm512_store_ps(inv + g * lanes, _mm512_maskz_div_ps(static_cast<__mmask16>(~empty),
+                                                             _mm512_set1_ps(keep_scale), lg));
       }
       for (int64_t e = 0; e < Ev; ++e) {
         float* o = ot + e * BQ;
@@ -580,7 +616,7 @@ void backward(const SdpaArgs& a, const T* dout, SdpaStrides sdo, const T* out, S
 
 void sdpa_forward(DType dtype, const SdpaArgs& a, void* out, void* lse) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if (dtype == DType::kFloat32 && a.dropout_p == 0.0) {
+  if (dtype == DType::kFloat32) {
     flash_forward(a, static_cast<float*>(out), static_cast<float*>(lse));
     return;
   }
