@@ -1,8 +1,10 @@
 // Flash-style scaled-dot-product attention on the CPU: the scores are produced one
-// [query tile x key tile] block at a time by a small BLAS GEMM, folded into the output with an
-// online softmax (running max and sum per row, rescaling the accumulator when the max grows), and
-// never stored whole: extra memory is O(tiles), not O(L x S). The backward recomputes each block
-// of probabilities from the saved logsumexp.
+// [query tile x key tile] block at a time, folded into the output with an online softmax (running
+// max and sum per row, rescaling the accumulator when the max grows), and never stored whole:
+// extra memory is O(tiles), not O(L x S). The backward recomputes each block of probabilities
+// from the saved logsumexp. The fp32 forward on AVX-512 builds is flash_forward (gemm.h's
+// register-blocked kernel, query rows along the vector lanes); the rest (fp64, other ISAs, the
+// backward) runs its blocks as small BLAS GEMMs.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -23,13 +25,13 @@ namespace pyseqk {
 namespace cpu {
 namespace {
 
-// Tile sizes. Forward: a [256 x 256] fp32 score block is 256 KiB; with the query tile (64 KiB at
-// D = 64), one key and one value tile (64 KiB each) and the accumulator (64 KiB) the working set
-// is ~512 KiB, inside a 1-2 MiB L2. The causal waste does not grow with the tiles: the key range
-// of a query tile is cut at its last row, and its diagonal block runs in strips of kDiagStrip
-// rows, each against the keys up to its own last row, so only the upper halves of the 64 x 64
-// blocks on the diagonal are wasted (1/16 of the causal work at N = 1024; torch's 256 x 512
-// blocks waste half of a 256 x 256 block per query block, 1/4).
+// Tile sizes of the BLAS version. Forward: a [256 x 256] fp32 score block is 256 KiB; with the
+// query tile (64 KiB at D = 64), one key and one value tile (64 KiB each) and the accumulator
+// (64 KiB) the working set is ~512 KiB, inside a 1-2 MiB L2. The causal waste does not grow
+// with the tiles: the key range of a query tile is cut at its last row, and its diagonal block
+// runs in strips of kDiagStrip rows, each against the keys up to its own last row, so only the
+// upper halves of the 64 x 64 blocks on the diagonal are wasted (1/16 of the causal work at
+// N = 1024; torch's 256 x 512 blocks waste half of a 256 x 256 block per query block, 1/4).
 // Backward: four score-sized tiles (P, dP/dS, and the dropped P) live at once: 128 x 128.
 constexpr int64_t kBlockQ = 256, kBlockK = 256, kDiagStrip = 64;  // forward
 constexpr int64_t kBwdBlockQ = 128, kBwdBlockK = 128;  // backward: four tiles live at once
@@ -270,8 +272,8 @@ constexpr int64_t kFlashBlockK = 112;             // key rows per block: 8 gemm.
 // so that the softmax's exponentials are powers of two (math::exp2_softmax_f32x16).
 constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 
-// sc[j, i] += log2 e * mask[q0 + i, j0 + j] for the nk key rows of a micro-tile's scores (lanes past
-// the last query row get nothing). A mask that does not vary along the queries (a key padding
+// sc[j, i] += log2 e * mask[q0 + i, j0 + j] for the nk key rows of a micro-tile's scores (lanes
+// past the last query row get nothing). A mask that does not vary along the queries (a key padding
 // mask) is one broadcast per key row; otherwise the tile is transposed into mt first, through
 // registers when the keys are contiguous.
 void add_mask_tile(const SdpaArgs& a, const float* mask_bh, int64_t q0, int64_t j0, int64_t nk,
