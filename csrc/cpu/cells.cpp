@@ -50,8 +50,9 @@ inline void step_sums_rows(const StepSums& st, int64_t gates, bool stacked, int6
                            int64_t j1) {
   const int64_t I = st.I, B = st.B, ld = st.ld, rows = j1 - j0;
   TORCH_INTERNAL_ASSERT(ld == kGemmBatch, "pyseqk: StepSums.ld must be cpu::kGemmBatch");
-  // This thread's own [x | h]^T ([I + H, ld], padding columns zero): a copy written by one core
-  // and read by the other cost the reader ~15 us a step in cache-line transfers.
+  // This thread's own [x | h]^T ([I + H, ld]; the padding columns past B keep whatever an earlier
+  // call left there: columns are independent, and their sums are never read): a copy written by
+  // one core and read by the other cost the reader ~15 us a step in cache-line transfers.
   thread_local std::vector<float> xt_buffer;
   xt_buffer.resize((I + H) * ld);
   float* xt = xt_buffer.data();

@@ -164,6 +164,11 @@ const T* mask_base(const SdpaArgs& a, int64_t b, int64_t h) {
   return static_cast<const T*>(a.mask) + b * a.mask_stride[0] + h * a.mask_stride[1];
 }
 
+// The query tile that task u of a head's nq runs. Causal tiles cost in proportion to their row
+// index; zigzagging them (0, nq-1, 1, nq-2, ...) gives the contiguous ranges at::parallel_for
+// hands each thread equal work.
+inline int64_t zigzag_tile(int64_t u, int64_t nq) { return (u & 1) ? nq - 1 - (u >> 1) : u >> 1; }
+
 template <class T>
 void forward(const SdpaArgs& a, T* out, T* lse) {
   // 256-row query tiles stream K and V from L3 half as often as 128-row ones: 3-5 % faster
@@ -187,9 +192,7 @@ void forward(const SdpaArgs& a, T* out, T* lse) {
     // Scratch for the whole chunk of tiles this thread runs: allocated once, not per tile.
     std::vector<T> scores(BQ * kBlockK), acc(BQ * Ev), m(BQ), l(BQ);
     for (int64_t t = begin; t < end; ++t) {
-      // Causal tiles cost in proportion to their row index; zigzag them (0, nq-1, 1, nq-2, ...)
-      // so that the contiguous ranges at::parallel_for hands each thread get equal work.
-      const int64_t u = t % nq, qb = (u & 1) ? nq - 1 - (u >> 1) : (u >> 1);
+      const int64_t qb = zigzag_tile(t % nq, nq);
       const int64_t bh = t / nq, b = bh / a.Hq, h = bh % a.Hq, hk = h / group;
       const int64_t i0 = qb * BQ, mq = std::min(BQ, L - i0);
       const T* Q = q + b * a.sq.b + h * a.sq.h + i0 * a.sq.row;
@@ -340,7 +343,7 @@ void flash_forward(const SdpaArgs& a, float* out, float* lse) {
     __m512 m[BQ / lanes], l[BQ / lanes];
     alignas(64) uint32_t row_keys[BQ];  // dropout: dropout::row_key of each query row
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t u = t % nq, qb = (u & 1) ? nq - 1 - (u >> 1) : (u >> 1);  // as forward()
+      const int64_t qb = zigzag_tile(t % nq, nq);
       const int64_t bh = t / nq, b = bh / a.Hq, h = bh % a.Hq, hk = h / group;
       const int64_t i0 = qb * BQ, mq = std::min(BQ, L - i0);
       const float* K = k + b * a.sk.b + hk * a.sk.h;

@@ -39,7 +39,8 @@ class RNNCell(torch.nn.RNNCell):
     __doc__ = torch.nn.RNNCell.__doc__
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        if hx is not None and input.dim() == 2 and hx.dim() == 2 and self.nonlinearity in _RNN_CELL_FNS:
+        if (hx is not None and input.dim() == 2 and hx.dim() == 2
+                and self.nonlinearity in _RNN_CELL_FNS):
             # The common case in a time loop, kept free of per-call Python work.
             return _RNN_CELL_FNS[self.nonlinearity](input, hx, *_cell_params(self))
         batched = _check_dims("RNNCell", input, (("hidden", hx),))
@@ -52,7 +53,7 @@ class RNNCell(torch.nn.RNNCell):
         fn = _RNN_CELL_FNS.get(self.nonlinearity)
         if fn is None:
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        ret = fn(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        ret = fn(input, hx, *_cell_params(self))
         return ret if batched else ret.squeeze(0)
 
 
@@ -72,8 +73,7 @@ class LSTMCell(torch.nn.LSTMCell):
             hx = (zeros, zeros)
         elif not batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        hy, cy = F.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
-                             self.bias_hh)
+        hy, cy = F.lstm_cell(input, hx[0], hx[1], *_cell_params(self))
         return (hy, cy) if batched else (hy.squeeze(0), cy.squeeze(0))
 
 
@@ -91,7 +91,7 @@ class GRUCell(torch.nn.GRUCell):
             hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
         elif not batched:
             hx = hx.unsqueeze(0)
-        ret = F.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        ret = F.gru_cell(input, hx, *_cell_params(self))
         return ret if batched else ret.squeeze(0)
 
 
