@@ -65,10 +65,16 @@ def _weight_grads(dgi: Tensor, dgh: Tensor, input: Tensor, hs: Tensor, w_ih: Ten
             gh2.t() @ hprev.reshape(T * B, hs.shape[2]))
 
 
+def _returned_ws(workspace: bool, *ws: Tensor) -> tuple[Tensor, ...]:
+    """The workspaces as the op returns them: whole, or (workspace=False) with no time steps,
+    as the native ops (csrc/ops/layers.cpp)."""
+    return ws if workspace else tuple(w[:0].clone() for w in ws)
+
+
 @torch.library.custom_op("pyseqk::triton_lstm_layer", mutates_args=())
 def triton_lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                       b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor],
-                      lengths: Optional[Tensor], reverse: bool
+                      lengths: Optional[Tensor], reverse: bool, workspace: bool = True
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     T, B, _ = input.shape
     H = w_ih.shape[0] // 4
@@ -81,7 +87,7 @@ def triton_lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh:
     _k.lstm_layer_forward(gates, w_hh.contiguous(), _c(w_hr), hs, cs, ms, out,
                           _lengths(lengths, input), reverse)
     last = 0 if reverse else T
-    return out, hs[last].clone(), cs[last].clone(), gates, hs, cs, ms
+    return (out, hs[last].clone(), cs[last].clone()) + _returned_ws(workspace, gates, hs, cs, ms)
 
 
 @torch.library.custom_op("pyseqk::triton_lstm_layer_backward", mutates_args=())
@@ -110,7 +116,8 @@ def triton_lstm_layer_backward(grad_output: Optional[Tensor], grad_h_n: Optional
 @torch.library.custom_op("pyseqk::triton_gru_layer", mutates_args=())
 def triton_gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
                      b_ih: Optional[Tensor], b_hh: Optional[Tensor], lengths: Optional[Tensor],
-                     reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     reverse: bool, workspace: bool = True
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     T, B, _ = input.shape
     H = w_ih.shape[0] // 3
     # r and z take both biases in the input GEMM; b_hn stays inside r * (h W_hn^T + b_hn).
@@ -124,7 +131,7 @@ def triton_gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
     out = input.new_empty(T, B, H)
     _k.gru_layer_forward(gi, w_hh.contiguous(), _c(b_hh[2 * H:]) if b_hh is not None else None,
                          hs, ws, out, _lengths(lengths, input), reverse)
-    return out, hs[0 if reverse else T].clone(), ws, hs
+    return (out, hs[0 if reverse else T].clone()) + _returned_ws(workspace, ws, hs)
 
 
 @torch.library.custom_op("pyseqk::triton_gru_layer_backward", mutates_args=())
@@ -147,14 +154,15 @@ def triton_gru_layer_backward(grad_output: Optional[Tensor], grad_h_n: Optional[
 @torch.library.custom_op("pyseqk::triton_rnn_layer", mutates_args=())
 def triton_rnn_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
                      b_ih: Optional[Tensor], b_hh: Optional[Tensor], relu: bool,
-                     lengths: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     lengths: Optional[Tensor], reverse: bool, workspace: bool = True
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     T, B, _ = input.shape
     H = w_ih.shape[0]
     pre = _projection(input, w_ih, _bias_sum(b_ih, b_hh))
     hs = _states(T, B, H, h0, reverse)
     out = input.new_empty(T, B, H)
     _k.rnn_layer_forward(pre, w_hh.contiguous(), hs, out, _lengths(lengths, input), relu, reverse)
-    return out, hs[0 if reverse else T].clone(), hs
+    return (out, hs[0 if reverse else T].clone()) + _returned_ws(workspace, hs)
 
 
 @torch.library.custom_op("pyseqk::triton_rnn_layer_backward", mutates_args=())

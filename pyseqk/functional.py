@@ -184,6 +184,13 @@ def check_layer(input, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, c0=None, w_hr
                                f"lengths[{b}] = {int(lengths[b])}")
 
 
+def _workspace(*tensors: Tensor | None) -> bool:
+    """Whether a layer op must return the workspace its backward reads: only when autograd will
+    record it (torch.nn's inference path likewise saves nothing). A constant under
+    torch.compile's tracing, which guards on grad mode and requires_grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None,
                lengths: Tensor | None = None, reverse: bool = False
@@ -197,8 +204,8 @@ def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
             return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                         reverse)
     op = _op(backend, "lstm_layer", "_triton_layer_ops")
-    out, h, c = op(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                                 lengths, reverse)[:3]
+    ws = _workspace(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    out, h, c = op(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ws)[:3]
     return out, h, c
 
 
@@ -212,8 +219,8 @@ def gru_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tenso
         if backend == "reference":
             return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     op = _op(backend, "gru_layer", "_triton_layer_ops")
-    out, h = op(input, h0, w_ih, w_hh, b_ih, b_hh, lengths,
-                                             reverse)[:2]
+    ws = _workspace(input, h0, w_ih, w_hh, b_ih, b_hh)
+    out, h = op(input, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, ws)[:2]
     return out, h
 
 
@@ -230,8 +237,9 @@ def rnn_layer(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tenso
             return reference.rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, lengths,
                                        reverse)
     op = _op(backend, "rnn_layer", "_triton_layer_ops")
-    out, h = op(input, h0, w_ih, w_hh, b_ih, b_hh,
-                                             nonlinearity == "relu", lengths, reverse)[:2]
+    ws = _workspace(input, h0, w_ih, w_hh, b_ih, b_hh)
+    out, h = op(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity == "relu", lengths, reverse,
+                ws)[:2]
     return out, h
 
 

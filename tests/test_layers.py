@@ -49,6 +49,14 @@ CONFIGS = {
     "team_B27": (4, 27, 6, 37, [(7 * b) % 5 for b in range(27)], True, True),
     "team_B32": (3, 32, 5, 40, sorted(((b % 3) + 1 for b in range(32)), reverse=True), False,
                  True),
+    # The same batches, LSTM without projection, GRU and RNN: the fused whole-layer forward
+    # (csrc/cpu/fused_layer.cpp, input projection inside the loop): 70 units split 48 + 22, an
+    # odd input width, no bias; then unsorted lengths with zeros, reversed, 30 rows.
+    "fused_B24": (3, 24, 33, 70, None, False, False),
+    "fused_B30": (4, 30, 16, 50, [(5 * b) % 5 for b in range(30)], True, True),
+    # Its weight cap: 4 * 208 units * (400 + 400) fp32 per thread (2.7 MB) is past
+    # cpu::kFusedMaxWeightBytes, so the loop of csrc/ops/layers.cpp runs.
+    "over_cap_B24": (2, 24, 400, 400, None, False, True),
 }
 # The Triton interpreter runs every op of every step in Python (~1 s per small layer call):
 # the same cases, smaller.
@@ -64,7 +72,7 @@ TRITON_CONFIGS = {
 }
 LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1", "team_H185"]
 # Paths that only fp32 takes, run in fp32 besides fp64.
-FP32_CONFIGS = ["team_B27", "team_B32"]
+FP32_CONFIGS = ["team_B27", "team_B32", "fused_B24", "fused_B30", "over_cap_B24"]
 TRITON_LOW_PRECISION_CONFIGS = ["unsorted_zero_rev"]
 
 
@@ -175,6 +183,120 @@ def test_layer_matches_reference_low_precision(backend, config, kind, dtype):
                          ids=[f"{b}-{c}" for b, c in backend_configs(FP32_CONFIGS, [])])
 def test_layer_matches_reference_fp32(backend, config, kind):
     check(kind, backend, config, torch.float32)
+
+
+def fused_args(kind, bias, B=26, I=21, H=37, T=4):
+    """fp32 arguments in the fused forward's shapes; bias: "both", "ih", "hh" or "none"."""
+    args = make_args(kind, T, B, I, H, torch.float32, bias != "none", seed=3)
+    ib = 5 if kind.startswith("lstm") else 4
+    if bias == "ih":
+        args[ib + 1] = None
+    elif bias == "hh":
+        args[ib] = None
+    return args
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", ["both", "ih", "hh", "none"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_fused_layer_biases_and_threads(kind, bias, threads):
+    """The fused forward folds the biases into its own per-row vector (the GRU keeps b_hn apart):
+    each bias alone, with one thread (a team of one) and two; forward and gradients (its
+    workspace feeds the backward) against the float64 reference."""
+    args = fused_args(kind, bias)
+    lens = torch.tensor([(3 * b) % 5 for b in range(26)])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pyseqk.use_backend("cpu"):
+            outs, grads = run_with_grads(layer_fn(kind), args, lengths=lens, reverse=True)
+    finally:
+        torch.set_num_threads(previous)
+    ref_outs, ref_grads = run_with_grads(layer_fn(kind, R), double(args), lengths=lens,
+                                         reverse=True)
+    t_outs, t_grads = run_with_grads(layer_fn(kind, R), args, lengths=lens, reverse=True)
+    what = f"{kind}[fused, bias {bias}, {threads} threads]"
+    for k, (o, t, r) in enumerate(zip(outs, t_outs, ref_outs)):
+        assert_close_rule(o, t, r, torch.float32, f"{what} output {k}")
+    for k, (gr, t, r) in enumerate(zip(grads, t_grads, ref_grads)):
+        assert_close_rule(gr, t, r, torch.float32, f"{what} grad of argument {k}")
+
+
+WORKSPACE_CASES = [(b, k, c) for b in ["cpu"] + (["triton"] if "triton" in cpu_backends() else [])
+                   for k in ["lstm", "lstm_proj", "gru", "rnn_tanh"]
+                   for c in (["fused", "small"] if b == "cpu" else ["small"])]
+
+
+@pytest.mark.parametrize("backend,kind,case", WORKSPACE_CASES,
+                         ids=[f"{b}-{k}-{c}" for b, k, c in WORKSPACE_CASES])
+def test_layer_workspace_false(backend, kind, case):
+    """workspace=False (what functional passes when no gradient is wanted): the same outputs as
+    workspace=True, the workspaces with no time steps (as the fake kernel says: opcheck), and a
+    backward through it raises instead of differentiating with nothing."""
+    prefix = "triton_" if backend == "triton" else ""
+    if prefix:
+        F._op("triton", "lstm_layer", "_triton_layer_ops")  # defines the triton ops
+    if case == "fused":
+        name, args = op_args(kind, T=4, B=26, I=21, H=37, lengths=[(3 * b) % 5 for b in range(26)])
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+    else:
+        name, args = op_args(kind)
+    op = getattr(torch.ops.pyseqk, prefix + name)
+    with_ws = op(*args)
+    without = op(*args, False)
+    n_out = 3 if name == "lstm_layer" else 2
+    for k in range(n_out):
+        assert torch.equal(with_ws[k], without[k]), f"output {k} differs without the workspace"
+    for k in range(n_out, len(without)):
+        assert without[k].shape[0] == 0 and without[k].shape[1:] == with_ws[k].shape[1:], (
+            f"workspace {k}: {tuple(without[k].shape)} for {tuple(with_ws[k].shape)}")
+    torch.library.opcheck(op, args + (False,))
+    grad_args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor)
+                      and a.is_floating_point() else a for a in args)
+    out = op(*grad_args, False)
+    with pytest.raises(RuntimeError, match="workspace=False"):
+        out[0].sum().backward()
+    if backend == "cpu":  # the native backward op itself, handed the empty workspace
+        bop = getattr(torch.ops.pyseqk, name + "_backward")
+        a = args
+        g = tuple(torch.ones_like(o) for o in without[:n_out])
+        if name == "lstm_layer":
+            bargs = g + (a[0], a[3], a[4], a[7], a[8], a[9]) + tuple(without[3:])
+        elif name == "gru_layer":
+            bargs = g + (a[0], a[2], a[3], a[6], a[7]) + tuple(without[2:])
+        else:
+            bargs = g + (a[0], a[2], a[3], a[6], a[7], a[8]) + tuple(without[2:])
+        with pytest.raises(RuntimeError, match="time steps"):
+            bop(*bargs)
+
+
+def test_layer_no_grad_skips_workspace():
+    """functional passes workspace=False exactly when autograd will not record the call: under
+    no_grad, and when no argument requires grad; a call that needs gradients still gets them."""
+    args = make_args("lstm", 3, 2, 4, 5, torch.float32)
+    seen = []
+    real = torch.ops.pyseqk.lstm_layer
+
+    class Spy:
+        def __call__(self, *a):
+            seen.append(a[-1])
+            return real(*a)
+
+    import pyseqk.functional as Fm
+    original = Fm._op
+    Fm._op = lambda *a, **k: Spy()
+    try:
+        with pyseqk.use_backend("cpu"):
+            F.lstm_layer(*args)
+            with torch.no_grad():
+                F.lstm_layer(*[a.requires_grad_() if a is not None else None for a in args])
+            out = F.lstm_layer(*args)
+    finally:
+        Fm._op = original
+    assert seen == [False, False, True], seen
+    out[0].sum().backward()
+    assert args[0].grad is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,18 +5,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
-#include <thread>
 
 #include "cpu/blas.h"
 #include "cpu/gemm.h"
+#include "cpu/spin_barrier.h"
 #include "ops/layers.h"
 #include "pyseqk/cell_kernels.h"
 #include "pyseqk/layer_kernels.h"
@@ -45,39 +41,7 @@ struct SingleThreadIfSmall {
   }
 };
 
-// The barrier of the forward time loop's thread team, in place of libgomp's `omp barrier`
-// (T = 200, B = 1, H = 128 LSTM: the loop 427 -> 395 us, 0.16 us a step). Sense-reversing on a
-// generation counter; a waiter spins with pause, then yields (an oversubscribed machine).
-class SpinBarrier {
- public:
-  void wait(int n) {
-    const unsigned gen = gen_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
-      count_.store(0, std::memory_order_relaxed);
-      gen_.fetch_add(1, std::memory_order_release);
-      return;
-    }
-    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins < kSpins) {
-        pause();
-      } else {
-        std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  static constexpr int kSpins = 2000;
-  static void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
-  alignas(64) std::atomic<int> count_{0};
-  alignas(64) std::atomic<unsigned> gen_{0};
-};
+using cpu::SpinBarrier;
 
 struct CpuLayerKernels {
   struct Guard {
@@ -285,6 +249,10 @@ struct CpuLayerKernels {
     return true;
   }
 
+  // The whole-layer forward with the input projection inside the loop (fused_fits in layers.h).
+  static constexpr bool kFusedLayer = true;
+  static constexpr auto fused_forward = &cpu::fused_layer_forward;
+
   static constexpr auto lstm_forward_units = &cpu::lstm_layer_forward_units;
   static constexpr auto gru_forward_units = &cpu::gru_layer_forward_units;
   static constexpr auto rnn_forward_units = &cpu::rnn_layer_forward_units;
@@ -299,12 +267,14 @@ struct CpuLayerKernels {
 
 // Workspaces are outputs so that autograd can save them: gates [T, B, 4H] activated (LSTM) or
 // r, z, n, hn (GRU); hs [T+1, B, P] and cs [T+1, B, H] every state in time order (see layers.h);
-// ms [T, B, H] the pre-projection o*tanh(c) (LSTM with w_hr; else empty).
+// ms [T, B, H] the pre-projection o*tanh(c) (LSTM with w_hr; else empty). workspace=False (no
+// gradient wanted, as torch.nn's inference path): they come back with no time steps, and the
+// CPU's fused forward does not write them.
 TORCH_LIBRARY_FRAGMENT(pyseqk, m) {
   m.def(
       "lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse) -> (Tensor output, "
-      "Tensor h_n, Tensor c_n, Tensor gates, Tensor hs, Tensor cs, Tensor ms)");
+      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool workspace=True) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor hs, Tensor cs, Tensor ms)");
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
       "Tensor input, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
@@ -312,7 +282,8 @@ TORCH_LIBRARY_FRAGMENT(pyseqk, m) {
       "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
   m.def(
       "gru_layer(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "Tensor? lengths, bool reverse) -> (Tensor output, Tensor h_n, Tensor gates, Tensor hs)");
+      "Tensor? lengths, bool reverse, bool workspace=True) -> (Tensor output, Tensor h_n, "
+      "Tensor gates, Tensor hs)");
   m.def(
       "gru_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor w_ih, "
       "Tensor w_hh, Tensor? lengths, bool reverse, Tensor gates, Tensor hs) -> (Tensor "
@@ -320,7 +291,8 @@ TORCH_LIBRARY_FRAGMENT(pyseqk, m) {
       "Tensor grad_b_hh)");
   m.def(
       "rnn_layer(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "bool relu, Tensor? lengths, bool reverse) -> (Tensor output, Tensor h_n, Tensor hs)");
+      "bool relu, Tensor? lengths, bool reverse, bool workspace=True) -> (Tensor output, "
+      "Tensor h_n, Tensor hs)");
   m.def(
       "rnn_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor w_ih, "
       "Tensor w_hh, bool relu, Tensor? lengths, bool reverse, Tensor hs) -> (Tensor grad_input, "

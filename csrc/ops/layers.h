@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "ops/checks.h"
+#include "pyseqk/layer_kernels.h"
 
 namespace pyseqk {
 namespace ops {
@@ -193,13 +194,86 @@ void serial_time_loop(const StepGemmFn& step_gemm, const Weight& w, int64_t T, i
   }
 }
 
+// A backward op's workspace argument t must be what the forward returned with workspace=True:
+// `steps` time steps (none when the forward ran with workspace=False).
+inline void check_workspace(const at::Tensor& t, const char* name, int64_t steps,
+                            const char* op) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == steps, "pyseqk: ", op, ": ", name, " must have ",
+              steps, " time steps, got shape ", t.sizes(),
+              " (the workspace of a forward call made with workspace=True)");
+}
+
+// A layer op's workspace as returned: itself, or (workspace=False) none of its time steps.
+inline at::Tensor returned_ws(const at::Tensor& t, bool workspace) {
+  return workspace ? t : t.narrow(0, 0, 0);
+}
+
+// The outputs of a layer forward in the op's order: output, h_n, c_n (LSTM), then the
+// workspaces (ws: LSTM gates or the GRU's r, z, n, hn; hs, cs: the states).
+struct FusedOut {
+  at::Tensor out, h_n, c_n, ws, hs, cs;
+};
+
+// The CPU's whole-layer forward (K::kFusedLayer; csrc/cpu/fused_layer.cpp), for fp32 layers
+// without projection whose operands are contiguous, in the shapes cpu::fused_layer_fits accepts:
+// fills r and returns true, or returns false having done nothing. c0: LSTM only.
+template <class K>
+bool fused_forward(cpu::FusedLayer::Kind kind, const at::Tensor& input, const at::Tensor& h0,
+                   const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   const OptT& b_ih, const OptT& b_hh, const LayerLengths& len, bool reverse,
+                   bool workspace, FusedOut& r) {
+  const int64_t T = input.size(0), B = input.size(1), H = w_hh.size(1);
+  if (!K::kFusedLayer || T == 0 || B == 0 || input.scalar_type() != at::kFloat ||
+      !input.is_contiguous() || !w_ih.is_contiguous() || !w_hh.is_contiguous() ||
+      (has(b_ih) && !b_ih->is_contiguous()) || (has(b_hh) && !b_hh->is_contiguous()) ||
+      !cpu::fused_layer_fits(kind, B, input.size(2), H)) {
+    return false;
+  }
+  const bool lstm = kind == cpu::FusedLayer::kLstm, gru = kind == cpu::FusedLayer::kGru;
+  auto opts = input.options();
+  const int64_t steps = workspace ? T : 0, first = reverse ? T : 0;
+  r.out = at::empty({T, B, H}, opts);
+  r.h_n = at::empty({B, H}, opts);
+  r.hs = at::empty({workspace ? T + 1 : 0, B, H}, opts);
+  r.cs = at::empty({lstm && workspace ? T + 1 : 0, B, H}, opts);
+  r.ws = at::empty({lstm || gru ? steps : 0, B, 4 * H}, opts);
+  if (workspace) r.hs[first].copy_(h0);
+  if (workspace && lstm) r.cs[first].copy_(c0);
+  const at::Tensor h0c = h0.contiguous(), c0c = lstm ? c0.contiguous() : at::Tensor();
+  if (lstm) r.c_n = at::empty({B, H}, opts);
+  auto fp = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; };
+  cpu::FusedLayer f;
+  f.kind = kind;
+  f.T = T;
+  f.B = B;
+  f.I = input.size(2);
+  f.H = H;
+  f.reverse = reverse;
+  f.x = fp(input);
+  f.h0 = fp(h0c);
+  f.c0 = fp(c0c);
+  f.w_ih = fp(w_ih);
+  f.w_hh = fp(w_hh);
+  f.b_ih = has(b_ih) ? fp(*b_ih) : nullptr;
+  f.b_hh = has(b_hh) ? fp(*b_hh) : nullptr;
+  f.lengths = len.ptr();
+  f.out = fp(r.out);
+  f.h_n = fp(r.h_n);
+  f.c_n = fp(r.c_n);
+  f.hs = fp(r.hs);
+  f.cs = fp(r.cs);
+  f.ws = fp(r.ws);
+  K::fused_forward(f);
+  return true;
+}
+
 template <class K>
 struct Layers {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                     at::Tensor>
   lstm_layer(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
              const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih, const OptT& b_hh,
-             const OptT& w_hr, const OptT& lengths, bool reverse) {
+             const OptT& w_hr, const OptT& lengths, bool reverse, bool workspace) {
     to_dtype(input, "input");
     const bool proj = has(w_hr);
     if (proj) {
@@ -221,13 +295,18 @@ struct Layers {
     const DType dtype = to_dtype(input, "input");
     typename K::Guard guard(input);
     const LayerLengths len = layer_lengths(lengths, input);
-    at::Tensor gates = input_projection(input, w_ih, bias_sum(b_ih, b_hh));
+    FusedOut fo;
+    if (!proj && fused_forward<K>(cpu::FusedLayer::kLstm, input, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                  len, reverse, workspace, fo)) {
+      return {fo.out, fo.h_n, fo.c_n, fo.ws, fo.hs, fo.cs, at::empty({0, B, H}, input.options())};
+    }
     auto opts = input.options();
     at::Tensor hs = at::empty({T + 1, B, P}, opts), cs = at::empty({T + 1, B, H}, opts);
     at::Tensor ms = at::empty({proj ? T : 0, B, H}, opts), out = at::empty({T, B, P}, opts);
-    const int64_t first = reverse ? T : 0;
+    const int64_t first = reverse ? T : 0, last = reverse ? 0 : T;
     hs[first].copy_(h0);
     cs[first].copy_(c0);
+    at::Tensor gates = input_projection(input, w_ih, bias_sum(b_ih, b_hh));
     // W^T copies [P, G], [H, P]: the step GEMMs then stream the weights row by row (axpy
     // form), which the tiny-batch GEMV needs and BLAS does not mind.
     const at::Tensor whhT = K::transposed(w_hh);
@@ -250,8 +329,8 @@ struct Layers {
       }
     };
     if (B > 0) K::time_loop(whhT_w, T, B, H, proj ? 0 : 4, gemm_of, point);
-    const int64_t last = reverse ? 0 : T;
-    return {out, hs[last].clone(), cs[last].clone(), gates, hs, cs, ms};
+    return {out, hs[last].clone(), cs[last].clone(), returned_ws(gates, workspace),
+            returned_ws(hs, workspace), returned_ws(cs, workspace), returned_ws(ms, workspace)};
   }
 
   // grad_output [T, B, P], grad_h_n [B, P], grad_c_n [B, H]: any may be undefined (zero).
@@ -266,6 +345,11 @@ struct Layers {
     typename K::Guard guard(input);
     const bool proj = has(w_hr);
     const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+    const char* op = "lstm_layer_backward";
+    check_workspace(gates, "gates", T, op);
+    check_workspace(hs, "hs", T + 1, op);
+    check_workspace(cs, "cs", T + 1, op);
+    check_workspace(ms, "ms", proj ? T : 0, op);
     const int64_t H = w_ih.size(0) / 4, G = 4 * H, P = hs.size(2);
     const LayerLengths len = layer_lengths(lengths, input);
     auto opts = input.options();
@@ -309,12 +393,21 @@ struct Layers {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer(
       const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
       const at::Tensor& w_hh, const OptT& b_ih, const OptT& b_hh, const OptT& lengths,
-      bool reverse) {
+      bool reverse, bool workspace) {
     const int64_t H = check_layer(input, h0, w_ih, w_hh, b_ih, b_hh, 3, 0);
     const DType dtype = to_dtype(input, "input");
     typename K::Guard guard(input);
     const int64_t T = input.size(0), B = input.size(1), G = 3 * H;
     const LayerLengths len = layer_lengths(lengths, input);
+    FusedOut fo;
+    if (fused_forward<K>(cpu::FusedLayer::kGru, input, h0, at::Tensor(), w_ih, w_hh, b_ih, b_hh,
+                         len, reverse, workspace, fo)) {
+      return {fo.out, fo.h_n, fo.ws, fo.hs};
+    }
+    auto opts = input.options();
+    at::Tensor ws = at::empty({T, B, 4 * H}, opts);
+    at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
+    hs[reverse ? T : 0].copy_(h0);
     // r and z take both biases in the input GEMM; b_hn stays inside r * (h W_hn^T + b_hn).
     at::Tensor bias;
     if (has(b_hh)) {
@@ -325,11 +418,7 @@ struct Layers {
     }
     const at::Tensor b_hn = has(b_hh) ? b_hh->narrow(0, 2 * H, H).contiguous() : at::Tensor();
     const at::Tensor gi = input_projection(input, w_ih, bias);
-    auto opts = input.options();
     at::Tensor gh = at::empty({B, G}, opts);
-    at::Tensor ws = at::empty({T, B, 4 * H}, opts);
-    at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
-    hs[reverse ? T : 0].copy_(h0);
     const at::Tensor whhT = K::transposed(w_hh);
     const typename K::Weight whhT_w(whhT, B);
     auto gemm_of = [&](int64_t s) {
@@ -343,7 +432,8 @@ struct Layers {
                            at_step(out, t));
     };
     if (B > 0) K::time_loop(whhT_w, T, B, H, 3, gemm_of, point);
-    return {out, hs[reverse ? 0 : T].clone(), ws, hs};
+    return {out, hs[reverse ? 0 : T].clone(), returned_ws(ws, workspace),
+            returned_ws(hs, workspace)};
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -353,6 +443,8 @@ struct Layers {
     const DType dtype = to_dtype(input, "input");
     typename K::Guard guard(input);
     const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+    check_workspace(ws, "gates", T, "gru_layer_backward");
+    check_workspace(hs, "hs", T + 1, "gru_layer_backward");
     const int64_t H = hs.size(2), G = 3 * H;
     const LayerLengths len = layer_lengths(lengths, input);
     auto opts = input.options();
@@ -380,16 +472,21 @@ struct Layers {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_layer(
       const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
       const at::Tensor& w_hh, const OptT& b_ih, const OptT& b_hh, bool relu,
-      const OptT& lengths, bool reverse) {
+      const OptT& lengths, bool reverse, bool workspace) {
     const int64_t H = check_layer(input, h0, w_ih, w_hh, b_ih, b_hh, 1, 0);
     const DType dtype = to_dtype(input, "input");
     typename K::Guard guard(input);
     const int64_t T = input.size(0), B = input.size(1);
     const LayerLengths len = layer_lengths(lengths, input);
-    at::Tensor pre = input_projection(input, w_ih, bias_sum(b_ih, b_hh));
+    FusedOut fo;
+    if (fused_forward<K>(relu ? cpu::FusedLayer::kRnnRelu : cpu::FusedLayer::kRnnTanh, input, h0,
+                         at::Tensor(), w_ih, w_hh, b_ih, b_hh, len, reverse, workspace, fo)) {
+      return {fo.out, fo.h_n, fo.hs};
+    }
     auto opts = input.options();
     at::Tensor hs = at::empty({T + 1, B, H}, opts), out = at::empty({T, B, H}, opts);
     hs[reverse ? T : 0].copy_(h0);
+    at::Tensor pre = input_projection(input, w_ih, bias_sum(b_ih, b_hh));
     const at::Tensor whhT = K::transposed(w_hh);
     const typename K::Weight whhT_w(whhT, B);
     auto gemm_of = [&](int64_t s) {
@@ -402,7 +499,7 @@ struct Layers {
                            at_step(hs, ip), at_step(hs, in), at_step(out, t));
     };
     if (B > 0) K::time_loop(whhT_w, T, B, H, 1, gemm_of, point);
-    return {out, hs[reverse ? 0 : T].clone(), hs};
+    return {out, hs[reverse ? 0 : T].clone(), returned_ws(hs, workspace)};
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -411,7 +508,9 @@ struct Layers {
                      const OptT& lengths, bool reverse, const at::Tensor& hs) {
     const DType dtype = to_dtype(input, "input");
     typename K::Guard guard(input);
-    const int64_t T = input.size(0), B = input.size(1), I = input.size(2), H = hs.size(2);
+    const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+    check_workspace(hs, "hs", T + 1, "rnn_layer_backward");
+    const int64_t H = hs.size(2);
     const LayerLengths len = layer_lengths(lengths, input);
     auto opts = input.options();
     at::Tensor dh = has(grad_h_n) ? grad_h_n->contiguous().clone() : at::zeros({B, H}, opts);

@@ -38,6 +38,9 @@ struct CudaLayerKernels {
                         const Point& point) {
     serial_time_loop(&step_gemm, w, T, H, gemm_of, point);
   }
+  // No whole-layer forward of its own (layers.h's fused_fits path is the CPU's).
+  static constexpr bool kFusedLayer = false;
+  static void fused_forward(const cpu::FusedLayer&) {}
   // The serial loop always asks for all units: the unit range is the whole row.
   template <class... A>
   static void lstm_forward_units(int64_t, int64_t, A... a) { lstm_forward_step(a...); }

@@ -92,6 +92,42 @@ void small_gemm_f32(bool tb, int64_t M, int64_t N, int64_t K, const float* A, in
 void small_gemm_gates_f32(int G, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                           const float* B, int64_t ldb, int64_t gate_stride, float beta, float* C,
                           int64_t ldc);
+
+// One fp32 layer's whole forward (no LSTM projection) in one thread team, the input projection
+// inside the time loop (csrc/cpu/fused_layer.cpp): the CPU's path for batches of
+// kFusedMinBatch..32 rows on AVX-512 builds. Pointers are contiguous row-major fp32.
+struct FusedLayer {
+  enum Kind { kLstm, kGru, kRnnTanh, kRnnRelu };
+  Kind kind = kLstm;
+  int64_t T = 0, B = 0, I = 0, H = 0;
+  bool reverse = false;
+  const float* x = nullptr;                          // [T, B, I]
+  const float* h0 = nullptr;                         // [B, H]
+  const float* c0 = nullptr;                         // [B, H] (LSTM)
+  const float* w_ih = nullptr;                       // [G * H, I], as stored in the module
+  const float* w_hh = nullptr;                       // [G * H, H]
+  const float* b_ih = nullptr;                       // [G * H] or nullptr
+  const float* b_hh = nullptr;                       // [G * H] or nullptr
+  const int64_t* lengths = nullptr;                  // [B] (host) or nullptr
+  float* out = nullptr;                              // [T, B, H]
+  float* h_n = nullptr;                              // [B, H]
+  float* c_n = nullptr;                              // [B, H] (LSTM)
+  // The workspace (or nullptr: not written). hs, cs: every state, slots as in ops/layers.h (the
+  // caller fills the initial one); ws: LSTM i, f, g, o activated, GRU r, z, n, hn.
+  float* hs = nullptr;                               // [T + 1, B, H]
+  float* cs = nullptr;                               // [T + 1, B, H] (LSTM)
+  float* ws = nullptr;                               // [T, B, 4H] (LSTM, GRU)
+};
+// The smallest batch it takes: below, the 32-lane register block would compute mostly padding.
+constexpr int64_t kFusedMinBatch = 24;
+// The largest weight slice per thread (G * units * (I + H) fp32): it must stay in the core's L2
+// (2 MiB here) across the steps.
+constexpr int64_t kFusedMaxWeightBytes = int64_t(3) << 19;
+// Whether fused_layer_forward takes this shape with the current thread count (the dtype,
+// contiguity and the caller's other conditions are the caller's to check).
+bool fused_layer_fits(FusedLayer::Kind kind, int64_t B, int64_t I, int64_t H);
+// T >= 1, B >= 1.
+void fused_layer_forward(const FusedLayer& f);
 }  // namespace cpu
 
 namespace cuda {

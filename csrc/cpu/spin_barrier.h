@@ -1,0 +1,49 @@
+// The barrier of the layers' thread teams (csrc/ops/layers.cpp, csrc/cpu/fused_layer.cpp), in
+// place of libgomp's `omp barrier` (T = 200, B = 1, H = 128 LSTM: the loop 427 -> 395 us, 0.16 us
+// a step). Sense-reversing on a generation counter; a waiter spins with pause, then yields (an
+// oversubscribed machine).
+#pragma once
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <atomic>
+#include <thread>
+
+namespace pyseqk {
+namespace cpu {
+
+class SpinBarrier {
+ public:
+  void wait(int n) {
+    const unsigned gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < kSpins) {
+        pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr int kSpins = 2000;
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<unsigned> gen_{0};
+};
+
+}  // namespace cpu
+}  // namespace pyseqk
