@@ -55,13 +55,26 @@ int64_t unit_chunk(int64_t H, int threads) { return ((H + threads - 1) / threads
 struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
 };
-using Buffer = std::unique_ptr<float, FreeDeleter>;
-Buffer aligned_floats(int64_t n, bool zero) {
-  const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
-  Buffer b(static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64))));
-  TORCH_CHECK(b, "pyseqk: could not allocate ", bytes, " bytes for the fused layer");
-  if (zero) std::memset(b.get(), 0, bytes);
-  return b;
+
+// Scratch of the calling thread, kept across calls for each use (the OpenMP team's threads
+// persist): a fresh allocation of the 1 MB weight slice each call is an mmap whose first touch
+// page-faults; zeroed when asked.
+enum ScratchUse { kWeights, kBias, kSums, kCell, kInput, kShared, kScratchUses };
+float* scratch(ScratchUse use, int64_t n, bool zero) {
+  struct Slot {
+    std::unique_ptr<float, FreeDeleter> p;
+    int64_t capacity = 0;
+  };
+  thread_local Slot slots[kScratchUses];
+  Slot& slot = slots[use];
+  if (slot.capacity < n) {
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
+    slot.p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(slot.p, "pyseqk: could not allocate ", bytes, " bytes for the fused layer");
+    slot.capacity = n;
+  }
+  if (zero) std::memset(slot.p.get(), 0, n * sizeof(float));
+  return slot.p.get();
 }
 
 }  // namespace
@@ -88,21 +101,21 @@ inline __mmask16 lane_mask(uint32_t valid, int v) {
 // Per thread: its hidden units [c0, c1), their packed weights and transposed state.
 struct Slice {
   int64_t c0 = 0, c1 = 0, units = 0;
-  Buffer w;     // [G * units, I + H]: rows gate-major, [w_ih row | w_hh row]
-  Buffer bias;  // [G * units (+ units: GRU b_hn)]
-  Buffer sums;  // [(G + 1) * units, kLd]: the gate sums, then in place what goes to ws
-  Buffer c;     // [units, kLd]: the LSTM cell state, transposed
+  float* w = nullptr;     // [G * units, I + H]: rows gate-major, [w_ih row | w_hh row]
+  float* bias = nullptr;  // [G * units (+ units: GRU b_hn)]
+  float* sums = nullptr;  // [(G + 1) * units, kLd]: the gate sums, then in place what goes to ws
+  float* c = nullptr;     // [units, kLd]: the LSTM cell state, transposed
 };
 
 void pack(const FusedLayer& f, int G, Slice& sl) {
   const int64_t I = f.I, H = f.H, K = I + H, U = sl.units;
-  sl.w = aligned_floats(G * U * K, false);
-  sl.bias = aligned_floats((G + 1) * U, true);
-  float* bias = sl.bias.get();
+  sl.w = scratch(kWeights, G * U * K, false);
+  sl.bias = scratch(kBias, (G + 1) * U, true);
+  float* bias = sl.bias;
   for (int g = 0; g < G; ++g) {
     for (int64_t u = 0; u < U; ++u) {
       const int64_t r = g * H + sl.c0 + u;  // row of the module's weights
-      float* dst = sl.w.get() + (g * U + u) * K;
+      float* dst = sl.w + (g * U + u) * K;
       std::memcpy(dst, f.w_ih + r * I, I * sizeof(float));
       std::memcpy(dst + I, f.w_hh + r * H, H * sizeof(float));
       // GRU: n's hidden bias stays apart (n = tanh(in + r (h W_hn^T + b_hn))): row G * U + u.
@@ -111,17 +124,17 @@ void pack(const FusedLayer& f, int G, Slice& sl) {
       if (hn && f.b_hh) bias[G * U + u] = f.b_hh[r];
     }
   }
-  sl.sums = aligned_floats((G + 1) * U * kLd, true);
-  if (f.kind == FusedLayer::kLstm) sl.c = aligned_floats(U * kLd, true);
+  sl.sums = scratch(kSums, (G + 1) * U * kLd, true);
+  if (f.kind == FusedLayer::kLstm) sl.c = scratch(kCell, U * kLd, true);
 }
 
 // The gate math of one step on the slice's units, lane-wise; valid: bit b set for valid rows.
-// cur/nxt: this and the next step's [x ; h]^T; h_{t-1} of unit u is cur's row I + c0 + u.
+// cur/nxt: this and the next step's h^T; h_{t-1} of unit u is cur's row c0 + u.
 void step_math(const FusedLayer& f, int G, Slice& sl, const float* cur, float* nxt,
                uint32_t valid) {
-  const int64_t U = sl.units, hrow = f.I + sl.c0;
-  float* s = sl.sums.get();
-  const float* bias = sl.bias.get();
+  const int64_t U = sl.units, hrow = sl.c0;
+  float* s = sl.sums;
+  const float* bias = sl.bias;
   auto row = [&](int64_t r, int v) { return s + r * kLd + v * kL; };
   for (int64_t u = 0; u < U; ++u) {
     for (int v = 0; v < kGemmVecs; ++v) {
@@ -131,7 +144,7 @@ void step_math(const FusedLayer& f, int G, Slice& sl, const float* cur, float* n
       auto pre = [&](int g) { return V::loadu(row(g * U + u, v)) + V(bias[g * U + u]); };
       if (f.kind == FusedLayer::kLstm) {
         const auto a = math::lstm_activate(pre(0), pre(1), pre(2), pre(3));
-        float* cp = sl.c.get() + u * kLd + v * kL;
+        float* cp = sl.c + u * kLd + v * kL;
         const V c_prev = V::loadu(cp);
         V c;
         math::lstm_state(a, c_prev, c, h);
@@ -155,13 +168,28 @@ void step_math(const FusedLayer& f, int G, Slice& sl, const float* cur, float* n
   }
 }
 
+// The other threads' rows of h_{t-1}^T (they wrote them in the step before), towards this core's
+// L2 while the GEMM's input part runs: ~2-5 % of the LSTM and RNN layers at B = 32.
+inline void prefetch_others(const float* h, int64_t H, const Slice& sl) {
+  for (int64_t r = 0; r < H; ++r) {
+    if (r == sl.c0) {
+      r = sl.c1 - 1;
+      continue;
+    }
+    for (int64_t l = 0; l < kLd; l += kL) {
+      _mm_prefetch(reinterpret_cast<const char*>(h + r * kLd + l), _MM_HINT_T1);
+    }
+  }
+}
+
 void run(const FusedLayer& f, int team) {
   const int64_t T = f.T, B = f.B, I = f.I, H = f.H, K = I + H;
   const int G = gate_count(f.kind);
   const bool lstm = f.kind == FusedLayer::kLstm, gru = f.kind == FusedLayer::kGru;
   const int64_t ws_cols = 4 * H;  // LSTM gates i, f, g, o; GRU r, z, n, hn
-  // [x_t ; h_{t-1}]^T of even and odd steps, shared; padding lanes stay 0.
-  Buffer xh = aligned_floats(2 * K * kLd, true);
+  // h_{t-1}^T of even and odd steps, shared (each thread writes its units' rows); padding lanes
+  // stay 0.
+  float* const hbuf = scratch(kShared, 2 * H * kLd, true);
   SpinBarrier barrier;
   auto time_of = [&](int64_t s) { return f.reverse ? T - 1 - s : s; };
   auto valid_lanes = [&](int64_t t) {
@@ -180,40 +208,41 @@ void run(const FusedLayer& f, int team) {
     sl.c1 = std::min(H, sl.c0 + chunk);
     sl.units = sl.c1 - sl.c0;
     const int64_t U = sl.units;
-    // This thread's share of x's columns, transposed into the buffers each step.
-    const int64_t xchunk = (I + nt - 1) / nt;
-    const int64_t x0 = std::min(I, tid * xchunk), x1 = std::min(I, x0 + xchunk);
-    auto load_x = [&](int64_t s, float* buf) {
-      if (x1 > x0) transpose_f32(f.x + time_of(s) * B * I + x0, I, buf + x0 * kLd, kLd, B, x1 - x0);
+    // x_t^T, this thread's own: read from the input by each thread (shared halves cost each
+    // reader ~16 KB a step in cross-core transfers).
+    float* const xt = scratch(kInput, I * kLd, true);
+    auto load_x = [&](int64_t s) {
+      transpose_f32(f.x + time_of(s) * B * I, I, xt, kLd, B, I);
     };
     if (U > 0) {
       pack(f, G, sl);
-      transpose_f32(f.h0 + sl.c0, H, xh.get() + (I + sl.c0) * kLd, kLd, B, U);
-      if (lstm) transpose_f32(f.c0 + sl.c0, H, sl.c.get(), kLd, B, U);
+      transpose_f32(f.h0 + sl.c0, H, hbuf + sl.c0 * kLd, kLd, B, U);
+      if (lstm) transpose_f32(f.c0 + sl.c0, H, sl.c, kLd, B, U);
+      load_x(0);
     }
-    if (T > 0) load_x(0, xh.get());
     barrier.wait(nt);
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = time_of(s), in = f.reverse ? t : t + 1;  // in: the state slot written
-      const float* cur = xh.get() + (s & 1) * K * kLd;
-      float* nxt = xh.get() + ((s + 1) & 1) * K * kLd;
+      const float* cur = hbuf + (s & 1) * H * kLd;
+      float* nxt = hbuf + ((s + 1) & 1) * H * kLd;
       if (U > 0) {
         const uint32_t valid = valid_lanes(t);
-        float* sums = sl.sums.get();
-        const float* w = sl.w.get();
+        float* sums = sl.sums;
+        const float* w = sl.w;
         if (valid != 0) {
-          if (gru) {  // r, z over [x ; h]; n's input and hidden sums apart
-            gemm_rows(w, K, cur, kLd, K, sums, kLd, 2 * U, false);
-            gemm_rows(w + 2 * U * K, K, cur, kLd, I, sums + 2 * U * kLd, kLd, U, false);
-            gemm_rows(w + 2 * U * K + I, K, cur + I * kLd, kLd, H, sums + 3 * U * kLd, kLd, U,
-                      false);
+          prefetch_others(cur, H, sl);
+          if (gru) {  // r, z: x and h parts summed; n's input and hidden sums apart
+            gemm_rows(w, K, xt, kLd, I, sums, kLd, 3 * U, false);
+            gemm_rows(w + I, K, cur, kLd, H, sums, kLd, 2 * U, true);
+            gemm_rows(w + 2 * U * K + I, K, cur, kLd, H, sums + 3 * U * kLd, kLd, U, false);
           } else {
-            gemm_rows(w, K, cur, kLd, K, sums, kLd, G * U, false);
+            gemm_rows(w, K, xt, kLd, I, sums, kLd, G * U, false);
+            gemm_rows(w + I, K, cur, kLd, H, sums, kLd, G * U, true);
           }
         }
         step_math(f, G, sl, cur, nxt, valid);
         // Out of the loop's layout into the op's row-major outputs.
-        const float* h_t = nxt + (I + sl.c0) * kLd;
+        const float* h_t = nxt + sl.c0 * kLd;
         float* out = f.out + t * B * H + sl.c0;
         transpose_f32(h_t, kLd, out, H, U, B);
         for (int64_t b = 0; b < B; ++b) {
@@ -226,13 +255,13 @@ void run(const FusedLayer& f, int team) {
           }
         }
         if (f.hs) transpose_f32(h_t, kLd, f.hs + in * B * H + sl.c0, H, U, B);
-        if (f.cs) transpose_f32(sl.c.get(), kLd, f.cs + in * B * H + sl.c0, H, U, B);
+        if (f.cs) transpose_f32(sl.c, kLd, f.cs + in * B * H + sl.c0, H, U, B);
         if (s == T - 1) {
           transpose_f32(h_t, kLd, f.h_n + sl.c0, H, U, B);
-          if (lstm) transpose_f32(sl.c.get(), kLd, f.c_n + sl.c0, H, U, B);
+          if (lstm) transpose_f32(sl.c, kLd, f.c_n + sl.c0, H, U, B);
         }
+        if (s + 1 < T) load_x(s + 1);
       }
-      if (s + 1 < T) load_x(s + 1, nxt);
       barrier.wait(nt);
     }
   }
