@@ -129,42 +129,60 @@ void pack(const FusedLayer& f, int G, Slice& sl) {
 }
 
 // The gate math of one step on the slice's units, lane-wise; valid: bit b set for valid rows.
-// cur/nxt: this and the next step's h^T; h_{t-1} of unit u is cur's row c0 + u.
-void step_math(const FusedLayer& f, int G, Slice& sl, const float* cur, float* nxt,
-               uint32_t valid) {
-  const int64_t U = sl.units, hrow = sl.c0;
-  float* s = sl.sums;
+// cur/nxt: this and the next step's h^T; h_{t-1} of unit u is cur's row c0 + u. keep: the
+// activated gates (LSTM) or r, z, n, hn (GRU) go back into sums' rows for the workspace. A
+// run-time flag, not a template parameter: two instantiations may contract mul + add into FMAs
+// differently, and the output with a workspace must equal the one without, bit for bit.
+template <FusedLayer::Kind kKind>
+void step_math(Slice& sl, const float* cur, float* nxt, uint32_t valid, bool keep) {
+  const int64_t U = sl.units;
   const float* bias = sl.bias;
-  auto row = [&](int64_t r, int v) { return s + r * kLd + v * kL; };
+  auto row = [&](int64_t r, int v) { return sl.sums + r * kLd + v * kL; };
   for (int64_t u = 0; u < U; ++u) {
     for (int v = 0; v < kGemmVecs; ++v) {
       const __mmask16 m = lane_mask(valid, v);
-      const V h_prev = V::loadu(cur + (hrow + u) * kLd + v * kL);
-      V h;
+      float* hp = nxt + (sl.c0 + u) * kLd + v * kL;
+      const V h_prev = V::loadu(cur + (sl.c0 + u) * kLd + v * kL);
       auto pre = [&](int g) { return V::loadu(row(g * U + u, v)) + V(bias[g * U + u]); };
-      if (f.kind == FusedLayer::kLstm) {
+      auto save = [&](int g, V x) {
+        if (keep) _mm512_storeu_ps(row(g * U + u, v), _mm512_maskz_mov_ps(m, x));
+      };
+      V h;
+      if constexpr (kKind == FusedLayer::kLstm) {
         const auto a = math::lstm_activate(pre(0), pre(1), pre(2), pre(3));
         float* cp = sl.c + u * kLd + v * kL;
         const V c_prev = V::loadu(cp);
         V c;
         math::lstm_state(a, c_prev, c, h);
         _mm512_storeu_ps(cp, _mm512_mask_blend_ps(m, c_prev, c));
-        const V gates[4] = {a.i, a.f, a.g, a.o};
-        for (int g = 0; g < 4; ++g) _mm512_storeu_ps(row(g * U + u, v), _mm512_maskz_mov_ps(m, gates[g]));
-      } else if (f.kind == FusedLayer::kGru) {
+        save(0, a.i);
+        save(1, a.f);
+        save(2, a.g);
+        save(3, a.o);
+      } else if constexpr (kKind == FusedLayer::kGru) {
         const V hn = V::loadu(row(3 * U + u, v)) + V(bias[3 * U + u]);
         const V zero(0.f);
         const auto a = math::gru_activate(pre(0), pre(1), pre(2), zero, zero, hn);
         h = math::gru_state(a, h_prev);
-        const V ws[4] = {a.r, a.z, a.n, a.hn};
-        for (int g = 0; g < 4; ++g) _mm512_storeu_ps(row(g * U + u, v), _mm512_maskz_mov_ps(m, ws[g]));
-      } else if (f.kind == FusedLayer::kRnnRelu) {
-        h = math::rnn_activate<V, true>(pre(0));
+        save(0, a.r);
+        save(1, a.z);
+        save(2, a.n);
+        save(3, a.hn);
       } else {
-        h = math::rnn_activate<V, false>(pre(0));
+        h = math::rnn_activate<V, kKind == FusedLayer::kRnnRelu>(pre(0));
       }
-      _mm512_storeu_ps(nxt + (hrow + u) * kLd + v * kL, _mm512_mask_blend_ps(m, h_prev, h));
+      _mm512_storeu_ps(hp, _mm512_mask_blend_ps(m, h_prev, h));
     }
+  }
+}
+
+void step_math(FusedLayer::Kind kind, Slice& sl, const float* cur, float* nxt, uint32_t valid,
+               bool keep) {
+  switch (kind) {
+    case FusedLayer::kLstm: return step_math<FusedLayer::kLstm>(sl, cur, nxt, valid, keep);
+    case FusedLayer::kGru: return step_math<FusedLayer::kGru>(sl, cur, nxt, valid, keep);
+    case FusedLayer::kRnnTanh: return step_math<FusedLayer::kRnnTanh>(sl, cur, nxt, valid, keep);
+    case FusedLayer::kRnnRelu: return step_math<FusedLayer::kRnnRelu>(sl, cur, nxt, valid, keep);
   }
 }
 
@@ -220,27 +238,33 @@ void run(const FusedLayer& f, int team) {
       if (lstm) transpose_f32(f.c0 + sl.c0, H, sl.c, kLd, B, U);
       load_x(0);
     }
+    // Step s's input part of the gate sums (no other thread's results needed): for s = 0 here,
+    // then each one while the other threads finish the step before.
+    auto input_part = [&](int64_t s) {
+      if (U == 0 || valid_lanes(time_of(s)) == 0) return;
+      gemm_rows(sl.w, K, xt, kLd, I, sl.sums, kLd, (gru ? 3 : G) * U, false);
+    };
+    input_part(0);
     barrier.wait(nt);
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = time_of(s), in = f.reverse ? t : t + 1;  // in: the state slot written
       const float* cur = hbuf + (s & 1) * H * kLd;
       float* nxt = hbuf + ((s + 1) & 1) * H * kLd;
+      const uint32_t valid = valid_lanes(t);
+      float* const sums = sl.sums;
       if (U > 0) {
-        const uint32_t valid = valid_lanes(t);
-        float* sums = sl.sums;
-        const float* w = sl.w;
-        if (valid != 0) {
+        if (valid != 0) {  // the hidden part: GRU r, z onto the input part, n's apart
           prefetch_others(cur, H, sl);
-          if (gru) {  // r, z: x and h parts summed; n's input and hidden sums apart
-            gemm_rows(w, K, xt, kLd, I, sums, kLd, 3 * U, false);
-            gemm_rows(w + I, K, cur, kLd, H, sums, kLd, 2 * U, true);
-            gemm_rows(w + 2 * U * K + I, K, cur, kLd, H, sums + 3 * U * kLd, kLd, U, false);
-          } else {
-            gemm_rows(w, K, xt, kLd, I, sums, kLd, G * U, false);
-            gemm_rows(w + I, K, cur, kLd, H, sums, kLd, G * U, true);
+          gemm_rows(sl.w + I, K, cur, kLd, H, sums, kLd, (gru ? 2 : G) * U, true);
+          if (gru) {
+            gemm_rows(sl.w + 2 * U * K + I, K, cur, kLd, H, sums + 3 * U * kLd, kLd, U, false);
           }
         }
-        step_math(f, G, sl, cur, nxt, valid);
+        step_math(f.kind, sl, cur, nxt, valid, f.ws != nullptr);
+      }
+      // h_t's rows of this thread are in nxt: the others may go on once all have arrived.
+      const unsigned token = barrier.arrive(nt);
+      if (U > 0) {
         // Out of the loop's layout into the op's row-major outputs.
         const float* h_t = nxt + sl.c0 * kLd;
         float* out = f.out + t * B * H + sl.c0;
@@ -260,9 +284,12 @@ void run(const FusedLayer& f, int team) {
           transpose_f32(h_t, kLd, f.h_n + sl.c0, H, U, B);
           if (lstm) transpose_f32(sl.c, kLd, f.c_n + sl.c0, H, U, B);
         }
-        if (s + 1 < T) load_x(s + 1);
+        if (s + 1 < T) {
+          load_x(s + 1);
+          input_part(s + 1);
+        }
       }
-      barrier.wait(nt);
+      barrier.await(token);
     }
   }
 }

@@ -16,13 +16,20 @@ namespace cpu {
 
 class SpinBarrier {
  public:
-  void wait(int n) {
+  void wait(int n) { await(arrive(n)); }
+
+  // The two halves of wait, for work that needs no other thread's results in between (a split
+  // barrier): arrive returns a token for await, which returns once all n threads have arrived.
+  // Each thread alternates arrive and await.
+  unsigned arrive(int n) {
     const unsigned gen = gen_.load(std::memory_order_acquire);
     if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
       count_.store(0, std::memory_order_relaxed);
       gen_.fetch_add(1, std::memory_order_release);
-      return;
     }
+    return gen;
+  }
+  void await(unsigned gen) {
     for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
       if (spins < kSpins) {
         pause();
