@@ -42,21 +42,20 @@ CONFIGS = {
     # 185 units: the second thread's 89 end in a 9-lane partial vector (masked loads and stores
     # in the GEMV), reversed. The team runs fp32 only: LOW_PRECISION_CONFIGS lists it.
     "team_H185": (3, 1, 8, 185, None, True, True),
-    # fp32, 24 <= B <= 32 on an AVX-512 build: the mid-batch team (csrc/ops/layers.cpp,
-    # mid_batch_team) with the GEMM of csrc/cpu/gemm.h. 37 units: the second thread owns a
-    # partial tile of 5; unsorted lengths with zeros, reversed; then sorted lengths (fewer GEMM
-    # rows as sequences end) at B = 32.
+    # fp32, 24 <= B <= 32 on an AVX-512 build: the fused whole-layer forward (LSTM without
+    # projection, GRU, RNN: csrc/cpu/fused_layer.cpp, input projection inside the loop, the GEMM
+    # of csrc/cpu/gemm.h); the LSTM with projection keeps the loop of csrc/ops/layers.cpp.
+    # 37 units: the second thread owns a partial tile of 5; unsorted lengths with zeros,
+    # reversed; then sorted lengths at B = 32.
     "team_B27": (4, 27, 6, 37, [(7 * b) % 5 for b in range(27)], True, True),
     "team_B32": (3, 32, 5, 40, sorted(((b % 3) + 1 for b in range(32)), reverse=True), False,
                  True),
-    # The same batches, LSTM without projection, GRU and RNN: the fused whole-layer forward
-    # (csrc/cpu/fused_layer.cpp, input projection inside the loop): 70 units split 48 + 22, an
-    # odd input width, no bias; then unsorted lengths with zeros, reversed, 30 rows.
+    # The fused forward again: 70 units split 48 + 22, an odd input width, no bias; then unsorted
+    # lengths with zeros, reversed, 30 rows; then a weight slice past the core's L2
+    # (4 * 208 units * (400 + 400) fp32 per thread: 2.7 MB, dropped after the call).
     "fused_B24": (3, 24, 33, 70, None, False, False),
     "fused_B30": (4, 30, 16, 50, [(5 * b) % 5 for b in range(30)], True, True),
-    # Its weight cap: 4 * 208 units * (400 + 400) fp32 per thread (2.7 MB) is past
-    # cpu::kFusedMaxWeightBytes, so the loop of csrc/ops/layers.cpp runs.
-    "over_cap_B24": (2, 24, 400, 400, None, False, True),
+    "fused_wide": (2, 24, 400, 400, None, False, True),
 }
 # The Triton interpreter runs every op of every step in Python (~1 s per small layer call):
 # the same cases, smaller.
@@ -72,7 +71,7 @@ TRITON_CONFIGS = {
 }
 LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1", "team_H185"]
 # Paths that only fp32 takes, run in fp32 besides fp64.
-FP32_CONFIGS = ["team_B27", "team_B32", "fused_B24", "fused_B30", "over_cap_B24"]
+FP32_CONFIGS = ["team_B27", "team_B32", "fused_B24", "fused_B30", "fused_wide"]
 TRITON_LOW_PRECISION_CONFIGS = ["unsorted_zero_rev"]
 
 
@@ -220,6 +219,24 @@ def test_fused_layer_biases_and_threads(kind, bias, threads):
         assert_close_rule(o, t, r, torch.float32, f"{what} output {k}")
     for k, (gr, t, r) in enumerate(zip(grads, t_grads, ref_grads)):
         assert_close_rule(gr, t, r, torch.float32, f"{what} grad of argument {k}")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_fused_layer_non_contiguous(kind):
+    """Strided operands in the fused forward's shapes (batch-first input seen as [T, B, I], a
+    transposed weight's transpose, a strided bias) give the contiguous operands' results."""
+    args = fused_args(kind, "both")
+    ib = 5 if kind.startswith("lstm") else 4
+    strided = list(args)
+    strided[0] = args[0].transpose(0, 1).contiguous().transpose(0, 1)
+    strided[ib - 1] = args[ib - 1].t().contiguous().t()  # w_hh
+    strided[ib] = torch.stack([args[ib], args[ib]], 1)[:, 0]  # b_ih, stride 2
+    assert not any(strided[k].is_contiguous() for k in (0, ib - 1, ib))
+    with pyseqk.use_backend("cpu"), torch.no_grad():
+        ours = layer_fn(kind)(*strided)
+        theirs = layer_fn(kind)(*args)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 WORKSPACE_CASES = [(b, k, c) for b in ["cpu"] + (["triton"] if "triton" in cpu_backends() else [])

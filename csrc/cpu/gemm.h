@@ -37,8 +37,8 @@ constexpr int kVecRegs = FVec::size() == 16 ? 32 : 16;
 constexpr int kGemmVecs = 2;
 constexpr int64_t kGemmBatch = kGemmVecs * FVec::size();
 
-// Whether the recurrent kernels use this GEMM (the fused cell step, the layers' mid-batch
-// team): on AVX-512 builds, the only ISA it was measured on.
+// Whether the recurrent kernels use this GEMM (the fused cell step, the layers' fused forward,
+// csrc/cpu/fused_layer.cpp): on AVX-512 builds, the only ISA it was measured on.
 constexpr bool kGemmFused = FVec::size() == 16;
 
 // Rows per register block for NV batch vectors: the accumulators, NV inputs and one broadcast

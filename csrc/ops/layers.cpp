@@ -11,7 +11,6 @@
 #include <climits>
 
 #include "cpu/blas.h"
-#include "cpu/gemm.h"
 #include "cpu/spin_barrier.h"
 #include "ops/layers.h"
 #include "pyseqk/cell_kernels.h"
@@ -79,7 +78,7 @@ struct CpuLayerKernels {
   // A step weight w [K, N]; fp32 weights of GEMMs above kSmallBatch rows are also packed for MKL
   // (column-major: w is the left operand, "A", of C^T = w^T-as-stored x A^T), on the first step
   // GEMM that uses them: smaller batches never use a packed copy (their steps are
-  // cpu::small_gemm_f32), nor do the loops of mid_batch_team, so none is made for them.
+  // cpu::small_gemm_f32), so none is made for them.
   struct Weight {
     at::Tensor w;
     mutable at::Tensor packed;
@@ -147,7 +146,6 @@ struct CpuLayerKernels {
   template <class GemmOf, class Point>
   static void time_loop(const Weight& w, int64_t T, int64_t B, int64_t H, int G,
                         const GemmOf& gemm_of, const Point& point) {
-    if (mid_batch_team(w, T, B, H, G, gemm_of, point)) return;
     const int threads = at::get_num_threads();
     if (threads < 2 || B > kSmallBatch || !w.w.defined() || w.w.scalar_type() != at::kFloat ||
         at::in_parallel_region() || w.w.numel() < kTeamMinWeight) {
@@ -189,64 +187,6 @@ struct CpuLayerKernels {
         barrier.wait(nt);
       }
     }
-  }
-
-  // Batches of 24-32 rows (fp32, an AVX-512 build, G > 0): the whole loop in one team too, with
-  // the register-blocked GEMM of cpu/gemm.h in place of MKL's. Each step a thread transposes
-  // h_{t-1} into its own [K, 32] buffer (read across cores once, not re-read from the other
-  // core's copy), computes the sums of its units' G gates transposed (W_hh rows as stored),
-  // adds them onto C's columns of its units (the step's input projection) through 16 x 16 tiles
-  // and runs the gate kernel on its units while they are in cache; one barrier a step. Only for
-  // steps that accumulate onto the projection (beta = 1: LSTM, RNN): T=100 B=32 H=256, x against
-  // torch.nn from `python -m bench`, team vs the serial MKL loop: LSTM 0.84-0.85 vs 0.70-0.85,
-  // RNN 1.41-1.44 vs 1.35-1.38; the GRU's separate hidden-side buffer (beta = 0) ran 1.33 vs
-  // 1.35-1.41 and keeps the serial loop (bench/NOTES.md, "Layers: the mid-batch team").
-  static constexpr int64_t kTeamMinBatch = 24;
-  template <class GemmOf, class Point>
-  static bool mid_batch_team(const Weight& w, int64_t T, int64_t B, int64_t H, int G,
-                             const GemmOf& gemm_of, const Point& point) {
-    constexpr int64_t ld = cpu::kGemmBatch;
-    const int threads = at::get_num_threads();
-    if (!cpu::kGemmFused || G == 0 || T == 0 || threads < 2 || B < kTeamMinBatch || B > ld ||
-        !w.w.defined() || w.w.scalar_type() != at::kFloat || at::in_parallel_region() ||
-        gemm_of(0).beta != 1.0) {
-      return false;
-    }
-    const int64_t K = w.w.size(0);
-    const at::Tensor rows = transposed(w.w);  // [G*H, K]: the weight as stored in the module
-    const float* wr = rows.data_ptr<float>();
-    const int64_t chunk0 = ((H + threads - 1) / threads + 15) / 16 * 16;
-    const int team = static_cast<int>((H + chunk0 - 1) / chunk0);
-    // Per thread: h_{t-1}^T [K, ld] and the sums of up to all units [G * H16, ld].
-    const int64_t stride = K * ld + G * ((H + 15) / 16 * 16) * ld;
-    const at::Tensor scratch = at::zeros({team, stride}, w.w.options());
-    SpinBarrier barrier;
-#pragma omp parallel num_threads(team)
-    {
-      const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-      const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;
-      const int64_t c0 = std::min(H, tid * chunk), c1 = std::min(c0 + chunk, H), units = c1 - c0;
-      float* ht = scratch.data_ptr<float>() + tid * stride;
-      float* sums = ht + K * ld;
-      for (int64_t s = 0; s < T; ++s) {
-        const StepGemm g = gemm_of(s);
-        if (units > 0) {
-          if (g.m > 0) {
-            auto* c = static_cast<float*>(g.C);
-            cpu::transpose_f32(static_cast<const float*>(g.A), g.lda, ht, ld, g.m, K);
-            for (int k = 0; k < G; ++k) {
-              cpu::gemm_rows(wr + (k * H + c0) * K, K, ht, ld, K, sums + k * units * ld, ld, units,
-                             false);
-              cpu::transpose_f32(sums + k * units * ld, ld, c + k * H + c0, g.ldc, units, g.m,
-                                 /*accumulate=*/true);
-            }
-          }
-          point(s, c0, c1);
-        }
-        barrier.wait(nt);
-      }
-    }
-    return true;
   }
 
   // The whole-layer forward with the input projection inside the loop (fused_fits in layers.h).

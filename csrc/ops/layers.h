@@ -215,18 +215,16 @@ struct FusedOut {
 };
 
 // The CPU's whole-layer forward (K::kFusedLayer; csrc/cpu/fused_layer.cpp), for fp32 layers
-// without projection whose operands are contiguous, in the shapes cpu::fused_layer_fits accepts:
-// fills r and returns true, or returns false having done nothing. c0: LSTM only.
+// without projection in the batch sizes cpu::fused_layer_fits accepts: fills r and returns true,
+// or returns false having done nothing. c0: LSTM only.
 template <class K>
 bool fused_forward(cpu::FusedLayer::Kind kind, const at::Tensor& input, const at::Tensor& h0,
                    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                    const OptT& b_ih, const OptT& b_hh, const LayerLengths& len, bool reverse,
                    bool workspace, FusedOut& r) {
   const int64_t T = input.size(0), B = input.size(1), H = w_hh.size(1);
-  if (!K::kFusedLayer || T == 0 || B == 0 || input.scalar_type() != at::kFloat ||
-      !input.is_contiguous() || !w_ih.is_contiguous() || !w_hh.is_contiguous() ||
-      (has(b_ih) && !b_ih->is_contiguous()) || (has(b_hh) && !b_hh->is_contiguous()) ||
-      !cpu::fused_layer_fits(kind, B, input.size(2), H)) {
+  if (!K::kFusedLayer || T == 0 || input.scalar_type() != at::kFloat ||
+      !cpu::fused_layer_fits(B)) {
     return false;
   }
   const bool lstm = kind == cpu::FusedLayer::kLstm, gru = kind == cpu::FusedLayer::kGru;
@@ -240,6 +238,9 @@ bool fused_forward(cpu::FusedLayer::Kind kind, const at::Tensor& input, const at
   if (workspace) r.hs[first].copy_(h0);
   if (workspace && lstm) r.cs[first].copy_(c0);
   const at::Tensor h0c = h0.contiguous(), c0c = lstm ? c0.contiguous() : at::Tensor();
+  const at::Tensor x = input.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
+  const at::Tensor bi = has(b_ih) ? b_ih->contiguous() : at::Tensor();
+  const at::Tensor bh = has(b_hh) ? b_hh->contiguous() : at::Tensor();
   if (lstm) r.c_n = at::empty({B, H}, opts);
   auto fp = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; };
   cpu::FusedLayer f;
@@ -249,13 +250,13 @@ bool fused_forward(cpu::FusedLayer::Kind kind, const at::Tensor& input, const at
   f.I = input.size(2);
   f.H = H;
   f.reverse = reverse;
-  f.x = fp(input);
+  f.x = fp(x);
   f.h0 = fp(h0c);
   f.c0 = fp(c0c);
-  f.w_ih = fp(w_ih);
-  f.w_hh = fp(w_hh);
-  f.b_ih = has(b_ih) ? fp(*b_ih) : nullptr;
-  f.b_hh = has(b_hh) ? fp(*b_hh) : nullptr;
+  f.w_ih = fp(wi);
+  f.w_hh = fp(wh);
+  f.b_ih = fp(bi);
+  f.b_hh = fp(bh);
   f.lengths = len.ptr();
   f.out = fp(r.out);
   f.h_n = fp(r.h_n);
