@@ -32,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <utility>
 
 #include "cpu/gemm.h"
 #include "cpu/spin_barrier.h"
@@ -124,12 +125,23 @@ void pack(const FusedLayer& f, int G, Slice& sl) {
   sl.w = scratch(kWeights, G * U * K, false);
   sl.bias = scratch(kBias, (G + 1) * U, true);
   float* bias = sl.bias;
+  // The weight rows in panels (gemm.h), per segment of rows that one GEMM call covers: all G * U
+  // rows, or the GRU's r, z rows and its n rows (whose hidden part has sums of their own).
+  const int64_t cut = f.kind == FusedLayer::kGru ? 2 * U : G * U;
+  for (const auto [m0, m1] : {std::pair<int64_t, int64_t>{0, cut}, {cut, G * U}}) {
+    for (int64_t b0 = m0; b0 < m1; b0 += kPanelRows) {
+      const int64_t rows = std::min<int64_t>(kPanelRows, m1 - b0);
+      float* block = sl.w + b0 * K;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t g = (b0 + i) / U, r = g * H + sl.c0 + (b0 + i) % U;  // the module's row
+        for (int64_t k = 0; k < I; ++k) block[k * rows + i] = f.w_ih[r * I + k];
+        for (int64_t k = 0; k < H; ++k) block[(I + k) * rows + i] = f.w_hh[r * H + k];
+      }
+    }
+  }
   for (int g = 0; g < G; ++g) {
     for (int64_t u = 0; u < U; ++u) {
-      const int64_t r = g * H + sl.c0 + u;  // row of the module's weights
-      float* dst = sl.w + (g * U + u) * K;
-      std::memcpy(dst, f.w_ih + r * I, I * sizeof(float));
-      std::memcpy(dst + I, f.w_hh + r * H, H * sizeof(float));
+      const int64_t r = g * H + sl.c0 + u;
       // GRU: n's hidden bias stays apart (n = tanh(in + r (h W_hn^T + b_hn))): row G * U + u.
       const bool hn = f.kind == FusedLayer::kGru && g == 2;
       bias[g * U + u] = (f.b_ih ? f.b_ih[r] : 0.f) + (!hn && f.b_hh ? f.b_hh[r] : 0.f);
@@ -254,7 +266,12 @@ void run(const FusedLayer& f, int team) {
     // then each one while the other threads finish the step before.
     auto input_part = [&](int64_t s) {
       if (U == 0 || valid_lanes(time_of(s)) == 0) return;
-      gemm_rows(sl.w, K, xt, kLd, I, sl.sums, kLd, (gru ? 3 : G) * U, false);
+      if (gru) {
+        gemm_panels(sl.w, 2 * U, K, 0, I, xt, kLd, sl.sums, kLd, false);
+        gemm_panels(sl.w + 2 * U * K, U, K, 0, I, xt, kLd, sl.sums + 2 * U * kLd, kLd, false);
+      } else {
+        gemm_panels(sl.w, G * U, K, 0, I, xt, kLd, sl.sums, kLd, false);
+      }
     };
     input_part(0);
     barrier.wait(nt);
@@ -267,9 +284,9 @@ void run(const FusedLayer& f, int team) {
       if (U > 0) {
         if (valid != 0) {  // the hidden part: GRU r, z onto the input part, n's apart
           prefetch_others(cur, H, sl);
-          gemm_rows(sl.w + I, K, cur, kLd, H, sums, kLd, (gru ? 2 : G) * U, true);
+          gemm_panels(sl.w, (gru ? 2 : G) * U, K, I, H, cur, kLd, sums, kLd, true);
           if (gru) {
-            gemm_rows(sl.w + 2 * U * K + I, K, cur, kLd, H, sums + 3 * U * kLd, kLd, U, false);
+            gemm_panels(sl.w + 2 * U * K, U, K, I, H, cur, kLd, sums + 3 * U * kLd, kLd, false);
           }
         }
         step_math(f.kind, sl, cur, nxt, valid, f.ws != nullptr);
