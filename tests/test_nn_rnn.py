@@ -512,3 +512,45 @@ def test_packed_sequence_torch_compile_fullgraph(kind, with_hx):
     outs_c, grads_c = fwd_bwd_compiled(p, inp, hx, leaves, backend="eager")
     for a, b in zip(outs_c + list(grads_c), outs_t + list(grads_t)):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+def test_fused_batch_modules_match_torch_nn(mode):
+    """fp32 batches of 24-32 rows take the CPU's fused whole-layer forward (csrc/cpu/
+    fused_layer.cpp): the modules, two bidirectional batch-first layers on an unsorted packed
+    sequence, give torch.nn's outputs and gradients (against a float64 torch.nn run, the 2x rule)
+    and, under no_grad (no workspace written), the same outputs bit for bit."""
+    tcls, pcls, extra = MODES[mode]
+    Bf, Tf, If, Hf = 28, 7, 19, 37
+    kw = dict(num_layers=2, bidirectional=True, batch_first=True, **extra)
+    torch.manual_seed(0)
+    ref = tcls(If, Hf, dtype=torch.float64, **kw)
+    t = tcls(If, Hf, **kw)
+    p = pcls(If, Hf, **kw)
+    t.load_state_dict(ref.state_dict())
+    p.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(Bf, Tf, If, generator=g)
+    lengths = torch.tensor([1 + (5 * b) % Tf for b in range(Bf)])
+
+    def outputs_and_grads(m, dtype):
+        xi = x.to(dtype).requires_grad_()
+        out, hidden = m(pack_padded_sequence(xi, lengths, batch_first=True, enforce_sorted=False))
+        outs = [out.data, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+        grads = torch.autograd.grad(loss_of(outs), [xi] + list(m.parameters()))
+        return [o.detach() for o in outs], grads
+
+    with pyseqk.use_backend("cpu"):
+        outs_p, grads_p = outputs_and_grads(p, torch.float32)
+        with torch.no_grad():
+            out, hidden = p(pack_padded_sequence(x, lengths, batch_first=True,
+                                                 enforce_sorted=False))
+    outs_t, grads_t = outputs_and_grads(t, torch.float32)
+    outs_r, grads_r = outputs_and_grads(ref, torch.float64)
+    for k, (o, ot, orf) in enumerate(zip(outs_p, outs_t, outs_r)):
+        assert_close_rule(o, ot, orf, torch.float32, f"{mode} output {k}")
+    for k, (gp, gt, gr) in enumerate(zip(grads_p, grads_t, grads_r)):
+        assert_close_rule(gp, gt, gr, torch.float32, f"{mode} gradient {k}")
+    no_grad_outs = [out.data, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+    for k, (a, b) in enumerate(zip(no_grad_outs, outs_p)):
+        assert torch.equal(a, b), f"{mode} output {k} differs under no_grad"

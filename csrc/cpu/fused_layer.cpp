@@ -131,12 +131,18 @@ void pack(const FusedLayer& f, int G, Slice& sl) {
   for (const auto [m0, m1] : {std::pair<int64_t, int64_t>{0, cut}, {cut, G * U}}) {
     for (int64_t b0 = m0; b0 < m1; b0 += kPanelRows) {
       const int64_t rows = std::min<int64_t>(kPanelRows, m1 - b0);
-      float* block = sl.w + b0 * K;
+      const float* src_ih[kPanelRows];
+      const float* src_hh[kPanelRows];
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t g = (b0 + i) / U, r = g * H + sl.c0 + (b0 + i) % U;  // the module's row
-        for (int64_t k = 0; k < I; ++k) block[k * rows + i] = f.w_ih[r * I + k];
-        for (int64_t k = 0; k < H; ++k) block[(I + k) * rows + i] = f.w_hh[r * H + k];
+        src_ih[i] = f.w_ih + r * I;
+        src_hh[i] = f.w_hh + r * H;
       }
+      float* block = sl.w + b0 * K;  // written in order: k-major, a row's floats i apart
+      for (int64_t k = 0; k < I; ++k)
+        for (int64_t i = 0; i < rows; ++i) *block++ = src_ih[i][k];
+      for (int64_t k = 0; k < H; ++k)
+        for (int64_t i = 0; i < rows; ++i) *block++ = src_hh[i][k];
     }
   }
   for (int g = 0; g < G; ++g) {
