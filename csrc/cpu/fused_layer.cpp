@@ -10,7 +10,7 @@
 // thread at the bench shape, kept in the core's L2; larger slices stream from L3 and still beat
 // the split loop: T = 50, B = 32, H = 512 GRU 18.4 ms against 24.7, H = 1024 LSTM 91 against 93).
 // Each step, per thread:
-//   - the gate sums come out transposed ([rows, 32 lanes]: cpu::gemm_rows against x_t^T, then
+//   - the gate sums come out transposed ([rows, 32 lanes]: cpu::gemm_panels against x_t^T, then
 //     h_{t-1}^T), so the gate math is lane-wise over the batch and the bias one broadcast per row;
 //   - x_t^T is the thread's own (it transposes all of x_t: shared halves cost each reader ~16 KB
 //     of cross-core transfers a step), h^T is shared, double-buffered by step parity: each thread
@@ -74,9 +74,12 @@ struct ScratchSlot {
 };
 thread_local ScratchSlot scratch_slots[kScratchUses];
 
-void release_large_scratch() {
-  for (ScratchSlot& slot : scratch_slots) {
-    if (slot.capacity * int64_t(sizeof(float)) > kKeptScratchBytes) {
+// shared: also the kShared slot, which the team reads until the parallel region ends (the calling
+// thread releases it after; inside the region another thread may still be reading it).
+void release_large_scratch(bool shared) {
+  for (int use = 0; use < kScratchUses; ++use) {
+    ScratchSlot& slot = scratch_slots[use];
+    if ((shared || use != kShared) && slot.capacity * int64_t(sizeof(float)) > kKeptScratchBytes) {
       slot.p.reset();
       slot.capacity = 0;
     }
@@ -114,7 +117,8 @@ inline __mmask16 lane_mask(uint32_t valid, int v) {
 // Per thread: its hidden units [c0, c1), their packed weights and transposed state.
 struct Slice {
   int64_t c0 = 0, c1 = 0, units = 0;
-  float* w = nullptr;     // [G * units, I + H]: rows gate-major, [w_ih row | w_hh row]
+  float* w = nullptr;     // [G * units, I + H], rows gate-major, [w_ih row | w_hh row], in
+                          // gemm.h's panels (per GEMM segment: see pack)
   float* bias = nullptr;  // [G * units (+ units: GRU b_hn)]
   float* sums = nullptr;  // [(G + 1) * units, kLd]: the gate sums, then in place what goes to ws
   float* c = nullptr;     // [units, kLd]: the LSTM cell state, transposed
@@ -217,7 +221,8 @@ void step_math(FusedLayer::Kind kind, Slice& sl, const float* cur, float* nxt, u
 }
 
 // The other threads' rows of h_{t-1}^T (they wrote them in the step before), towards this core's
-// L2 while the GEMM's input part runs: ~2-5 % of the LSTM and RNN layers at B = 32.
+// L2 ahead of the hidden part: ~2-5 % of the LSTM and RNN layers at B = 32, measured when the
+// input part ran in between (before the split barrier moved it ahead of the wait).
 inline void prefetch_others(const float* h, int64_t H, const Slice& sl) {
   for (int64_t r = 0; r < H; ++r) {
     if (r == sl.c0) {
@@ -326,9 +331,9 @@ void run(const FusedLayer& f, int team) {
       }
       barrier.await(token);
     }
-    release_large_scratch();
+    release_large_scratch(/*shared=*/false);
   }
-  release_large_scratch();  // the shared buffer, the calling thread's
+  release_large_scratch(/*shared=*/true);
 }
 
 }  // namespace

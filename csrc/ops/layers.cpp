@@ -189,7 +189,7 @@ struct CpuLayerKernels {
     }
   }
 
-  // The whole-layer forward with the input projection inside the loop (fused_fits in layers.h).
+  // The whole-layer forward with the input projection inside the loop (fused_forward, layers.h).
   static constexpr bool kFusedLayer = true;
   static constexpr auto fused_forward = &cpu::fused_layer_forward;
 

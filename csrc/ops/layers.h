@@ -4,9 +4,11 @@
 //
 // Shape of the work: the input projection of all T steps is one GEMM with the biases folded in;
 // then a time loop, each step one GEMM h_{t-1} W_hh^T accumulated onto that step's projection,
-// and one fused kernel over the batch. Nothing is allocated inside the loop. The backward runs
-// the loop in reverse (fused gate backward, then dh_{t-1} = dgates W_hh) and computes the weight
-// gradients as single GEMMs over all T*B rows at the end.
+// and one fused kernel over the batch. Nothing is allocated inside the loop. (The CPU's fp32
+// forward at 24-32 batch rows instead runs csrc/cpu/fused_layer.cpp, the projection inside the
+// loop: fused_forward below.) The backward runs the loop in reverse (fused gate backward, then
+// dh_{t-1} = dgates W_hh) and computes the weight gradients as single GEMMs over all T*B rows at
+// the end.
 //
 // Saved states are stored in time order in [T+1, B, *] buffers: forward, state before step t is
 // index t and after it t+1; reverse, before t is t+1 and after it t. So h_{prev}(t) over all steps
@@ -203,9 +205,10 @@ inline void check_workspace(const at::Tensor& t, const char* name, int64_t steps
               " (the workspace of a forward call made with workspace=True)");
 }
 
-// A layer op's workspace as returned: itself, or (workspace=False) none of its time steps.
+// A layer op's workspace as returned: itself, or (workspace=False) an empty tensor of its shape
+// with no time steps (not a view: that would keep the buffer alive).
 inline at::Tensor returned_ws(const at::Tensor& t, bool workspace) {
-  return workspace ? t : t.narrow(0, 0, 0);
+  return workspace ? t : at::empty({0, t.size(1), t.size(2)}, t.options());
 }
 
 // The outputs of a layer forward in the op's order: output, h_n, c_n (LSTM), then the
@@ -242,7 +245,9 @@ bool fused_forward(cpu::FusedLayer::Kind kind, const at::Tensor& input, const at
   const at::Tensor bi = has(b_ih) ? b_ih->contiguous() : at::Tensor();
   const at::Tensor bh = has(b_hh) ? b_hh->contiguous() : at::Tensor();
   if (lstm) r.c_n = at::empty({B, H}, opts);
-  auto fp = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; };
+  auto fp = [](const at::Tensor& t) {
+    return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr;
+  };
   cpu::FusedLayer f;
   f.kind = kind;
   f.T = T;
