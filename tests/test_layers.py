@@ -195,13 +195,13 @@ def fused_args(kind, bias, B=26, I=21, H=37, T=4):
     return args
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("bias", ["both", "ih", "hh", "none"])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_fused_layer_biases_and_threads(kind, bias, threads):
     """The fused forward folds the biases into its own per-row vector (the GRU keeps b_hn apart):
-    each bias alone, with one thread (a team of one) and two; forward and gradients (its
-    workspace feeds the backward) against the float64 reference."""
+    each bias alone, with one thread (a team of one), two and three (more than the cores); forward
+    and gradients (its workspace feeds the backward) against the float64 reference."""
     args = fused_args(kind, bias)
     lens = torch.tensor([(3 * b) % 5 for b in range(26)])
     previous = torch.get_num_threads()

@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -86,13 +87,15 @@ void release_large_scratch(bool shared) {
   }
 }
 
+// nullptr when the allocation fails: the team's threads must not throw inside the parallel
+// region (that terminates the process); run reports it after the region.
 float* scratch(ScratchUse use, int64_t n, bool zero) {
   ScratchSlot& slot = scratch_slots[use];
   if (slot.capacity < n) {
     const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
     slot.p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    TORCH_CHECK(slot.p, "pyseqk: could not allocate ", bytes, " bytes for the fused layer");
-    slot.capacity = n;
+    slot.capacity = slot.p ? n : 0;
+    if (!slot.p) return nullptr;
   }
   if (zero) std::memset(slot.p.get(), 0, n * sizeof(float));
   return slot.p.get();
@@ -124,10 +127,14 @@ struct Slice {
   float* c = nullptr;     // [units, kLd]: the LSTM cell state, transposed
 };
 
-void pack(const FusedLayer& f, int G, Slice& sl) {
+// false: a scratch allocation failed (nothing packed).
+bool pack(const FusedLayer& f, int G, Slice& sl) {
   const int64_t I = f.I, H = f.H, K = I + H, U = sl.units;
   sl.w = scratch(kWeights, G * U * K, false);
   sl.bias = scratch(kBias, (G + 1) * U, true);
+  sl.sums = scratch(kSums, (G + 1) * U * kLd, true);
+  if (f.kind == FusedLayer::kLstm) sl.c = scratch(kCell, U * kLd, true);
+  if (!sl.w || !sl.bias || !sl.sums || (f.kind == FusedLayer::kLstm && !sl.c)) return false;
   float* bias = sl.bias;
   // The weight rows in panels (gemm.h), per segment of rows that one GEMM call covers: all G * U
   // rows, or the GRU's r, z rows and its n rows (whose hidden part has sums of their own).
@@ -158,8 +165,7 @@ void pack(const FusedLayer& f, int G, Slice& sl) {
       if (hn && f.b_hh) bias[G * U + u] = f.b_hh[r];
     }
   }
-  sl.sums = scratch(kSums, (G + 1) * U * kLd, true);
-  if (f.kind == FusedLayer::kLstm) sl.c = scratch(kCell, U * kLd, true);
+  return true;
 }
 
 // The gate math of one step on the slice's units, lane-wise; valid: bit b set for valid rows.
@@ -243,6 +249,8 @@ void run(const FusedLayer& f, int team) {
   // h_{t-1}^T of even and odd steps, shared (each thread writes its units' rows); padding lanes
   // stay 0.
   float* const hbuf = scratch(kShared, 2 * H * kLd, true);
+  TORCH_CHECK(hbuf, "pyseqk: could not allocate the fused layer's ", 2 * H * kLd * 4, " bytes");
+  std::atomic<bool> out_of_memory{false};
   SpinBarrier barrier;
   auto time_of = [&](int64_t s) { return f.reverse ? T - 1 - s : s; };
   auto valid_lanes = [&](int64_t t) {
@@ -260,15 +268,19 @@ void run(const FusedLayer& f, int team) {
     sl.c0 = std::min(H, tid * chunk);
     sl.c1 = std::min(H, sl.c0 + chunk);
     sl.units = sl.c1 - sl.c0;
-    const int64_t U = sl.units;
     // x_t^T, this thread's own: read from the input by each thread (shared halves cost each
     // reader ~16 KB a step in cross-core transfers).
     float* const xt = scratch(kInput, I * kLd, true);
+    if (sl.units > 0 && (!xt || !pack(f, G, sl))) {
+      // Out of memory: this thread only keeps the barriers' count; run throws after the region.
+      out_of_memory.store(true);
+      sl.units = 0;
+    }
+    const int64_t U = sl.units;
     auto load_x = [&](int64_t s) {
       transpose_f32(f.x + time_of(s) * B * I, I, xt, kLd, B, I);
     };
     if (U > 0) {
-      pack(f, G, sl);
       transpose_f32(f.h0 + sl.c0, H, hbuf + sl.c0 * kLd, kLd, B, U);
       if (lstm) transpose_f32(f.c0 + sl.c0, H, sl.c, kLd, B, U);
       load_x(0);
@@ -334,6 +346,8 @@ void run(const FusedLayer& f, int team) {
     release_large_scratch(/*shared=*/false);
   }
   release_large_scratch(/*shared=*/true);
+  TORCH_CHECK(!out_of_memory.load(), "pyseqk: could not allocate the fused layer's per-thread "
+              "scratch (its packed weights: ", G * (I + H) * 4, " bytes per hidden unit)");
 }
 
 }  // namespace
