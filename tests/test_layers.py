@@ -288,29 +288,23 @@ def test_layer_workspace_false(backend, kind, case):
             bop(*bargs)
 
 
-def test_layer_no_grad_skips_workspace():
+def test_layer_no_grad_skips_workspace(monkeypatch):
     """functional passes workspace=False exactly when autograd will not record the call: under
     no_grad, and when no argument requires grad; a call that needs gradients still gets them."""
     args = make_args("lstm", 3, 2, 4, 5, torch.float32)
     seen = []
     real = torch.ops.pyseqk.lstm_layer
 
-    class Spy:
-        def __call__(self, *a):
-            seen.append(a[-1])
-            return real(*a)
+    def spy(*a):
+        seen.append(a[-1])
+        return real(*a)
 
-    import pyseqk.functional as Fm
-    original = Fm._op
-    Fm._op = lambda *a, **k: Spy()
-    try:
-        with pyseqk.use_backend("cpu"):
-            F.lstm_layer(*args)
-            with torch.no_grad():
-                F.lstm_layer(*[a.requires_grad_() if a is not None else None for a in args])
-            out = F.lstm_layer(*args)
-    finally:
-        Fm._op = original
+    monkeypatch.setattr(F, "_op", lambda *a, **k: spy)
+    with pyseqk.use_backend("cpu"):
+        F.lstm_layer(*args)
+        with torch.no_grad():
+            F.lstm_layer(*[a.requires_grad_() if a is not None else None for a in args])
+        out = F.lstm_layer(*args)
     assert seen == [False, False, True], seen
     out[0].sum().backward()
     assert args[0].grad is not None

@@ -105,25 +105,14 @@ struct FixedStride {
   constexpr operator int64_t() const { return S; }
 };
 
-// Weights packed in panels for gemm_panels: rows in blocks of kPanelRows (the last one shorter),
-// each block stored k-major (block[k * rows + r]), the blocks one after the other, so that row m
-// of an M x K matrix starts its block at m * K. The register block's R broadcasts per k then
-// read consecutive floats, one stream, where rows as stored are R streams of their own whose
-// offsets the compiler keeps in R general registers (14 did not fit: it spilled them to the
-// stack inside the k loop).
+// Weights packed in panels for gemm_panels (written by their user: csrc/cpu/fused_layer.cpp
+// packs a thread's rows of two weight matrices into one): rows in blocks of kPanelRows (the last
+// one shorter), each block stored k-major (block[k * rows + r]), the blocks one after the other,
+// so that row m of an M x K matrix starts its block at m * K. The register block's R broadcasts
+// per k then read consecutive floats, one stream, where rows as stored are R streams of their
+// own whose offsets the compiler keeps in R general registers (14 did not fit: it spilled them
+// to the stack inside the k loop).
 constexpr int kPanelRows = gemm_block_rows(kGemmVecs);
-
-// P (M x K, panels) from A[m * lda + k].
-inline void pack_panels(const float* A, int64_t lda, int64_t M, int64_t K, float* P) {
-  for (int64_t m0 = 0; m0 < M; m0 += kPanelRows) {
-    const int64_t rows = std::min<int64_t>(kPanelRows, M - m0);
-    float* block = P + m0 * K;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* a = A + (m0 + r) * lda;
-      for (int64_t k = 0; k < K; ++k) block[k * rows + r] = a[k];
-    }
-  }
-}
 
 template <int NV, int... Rs>
 inline void gemm_panel_tail(int rows, const float* P, const float* Xt, int64_t ldx, int64_t K,
@@ -136,7 +125,7 @@ inline void gemm_panel_tail(int rows, const float* P, const float* Xt, int64_t l
 }
 
 // gemm_rows over panels: C[m, :kGemmBatch] (+)= sum_{k < kn} P(m, k0 + k) Xt[k, :] for m < M,
-// P packed by pack_panels with K columns (Xt: the inputs of columns k0..k0+kn).
+// P an M x K matrix in panels (Xt: the inputs of columns k0..k0+kn).
 inline void gemm_panels(const float* P, int64_t M, int64_t K, int64_t k0, int64_t kn,
                         const float* Xt, int64_t ldx, float* C, int64_t ldc, bool accumulate) {
   constexpr int NV = kGemmVecs, R = kPanelRows;
