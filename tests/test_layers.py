@@ -239,6 +239,75 @@ def test_fused_layer_non_contiguous(kind):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def tile_unit():
+    """Whether this CPU has the AMX tile unit that the fused forward runs its GEMMs on
+    (csrc/cpu/amx.h; Linux grants the tile state on request)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_fused_layer_tile_unit_and_fma(kind, monkeypatch):
+    """The fused forward's two GEMMs: the tile unit's (six bf16 piece products a product, amx.h)
+    and gemm.h's FMAs (PYSEQK_CPU_AMX=0): both within the fp32 rule of the float64 reference,
+    forward and gradients, at 50 units (a partial 16-row tile block on the second thread), an
+    odd input width of 71 (a half-filled pair row and k-block) and unsorted lengths, reversed. On
+    a CPU with the tile unit, the two differ (the tile unit's path ran)."""
+    args = fused_args(kind, "both", B=30, I=71, H=50, T=5)
+    lens = torch.tensor([(3 * b) % 6 for b in range(30)])
+    ref_outs, ref_grads = run_with_grads(layer_fn(kind, R), double(args), lengths=lens,
+                                         reverse=True)
+    t_outs, t_grads = run_with_grads(layer_fn(kind, R), args, lengths=lens, reverse=True)
+    results = {}
+    for amx in ("1", "0"):
+        monkeypatch.setenv("PYSEQK_CPU_AMX", amx)
+        with pyseqk.use_backend("cpu"):
+            outs, grads = run_with_grads(layer_fn(kind), args, lengths=lens, reverse=True)
+        what = f"{kind}[fused, PYSEQK_CPU_AMX={amx}]"
+        for k, (o, t, r) in enumerate(zip(outs, t_outs, ref_outs)):
+            assert_close_rule(o, t, r, torch.float32, f"{what} output {k}")
+        for k, (gr, t, r) in enumerate(zip(grads, t_grads, ref_grads)):
+            assert_close_rule(gr, t, r, torch.float32, f"{what} grad of argument {k}")
+        results[amx] = outs[0]
+    if tile_unit():
+        assert not torch.equal(results["1"], results["0"]), "the tile unit's path did not run"
+
+
+@pytest.mark.parametrize("where", ["x_inf", "x_nan", "x_huge", "w_inf", "h0_inf"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_fused_layer_nonfinite(kind, where, monkeypatch):
+    """inf, NaN and values beyond bf16's range (3.4e38) do not split into bf16 pieces (an inf
+    times pieces of opposite signs would give NaN where fp32 gives +-inf): the call runs again
+    with FMAs, so the outputs equal PYSEQK_CPU_AMX=0's bit for bit, and their NaNs are the fp32
+    reference's."""
+    args = fused_args(kind, "both")
+    x, h0, w_ih = args[0], args[1], args[3 if kind == "lstm" else 2]
+    if where == "x_inf":
+        x[2, 3, 7] = float("inf")
+    elif where == "x_nan":
+        x[1, 0, 2] = float("nan")
+    elif where == "x_huge":
+        x[1, 5, 0] = 3.4e38
+    elif where == "w_inf":
+        w_ih[4, 1] = float("-inf")
+    else:
+        h0[5, 9] = float("inf")
+    with pyseqk.use_backend("cpu"), torch.no_grad():
+        ours = layer_fn(kind)(*args)
+        monkeypatch.setenv("PYSEQK_CPU_AMX", "0")
+        fma = layer_fn(kind)(*args)
+        ref = layer_fn(kind, R)(*args)
+    for k, (a, b, r) in enumerate(zip(ours, fma, ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{kind} {where} output {k}: {m}")
+        assert torch.equal(a.isnan(), r.isnan()), f"{kind} {where} output {k}: NaNs differ"
+    assert ours[0].isfinite().any(), f"{kind} {where}: no finite output at all"
+
+
 WORKSPACE_CASES = [(b, k, c) for b in ["cpu"] + (["triton"] if "triton" in cpu_backends() else [])
                    for k in ["lstm", "lstm_proj", "gru", "rnn_tanh"]
                    for c in (["fused", "small"] if b == "cpu" else ["small"])]
