@@ -42,24 +42,10 @@ PYSEQK_AMX_TARGET inline __mmask16 unsplittable(__m512 v) {
   return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(kBf16Max), _CMP_NLE_UQ);
 }
 
-PYSEQK_AMX_TARGET inline __m512 widen(__m256bh v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
-}
-
-// v = p[0] + p[1] + p[2], each a bf16 rounded to nearest: 8 significant bits each, 24 in all
-// (fp32's), so the sum is exact for normal values (each difference is exact in fp32).
-PYSEQK_AMX_TARGET inline void split(__m512 v, __m256i p[kPieces]) {
-  const __m256bh p0 = _mm512_cvtneps_pbh(v);
-  const __m512 r1 = _mm512_sub_ps(v, widen(p0));
-  const __m256bh p1 = _mm512_cvtneps_pbh(r1);
-  const __m256bh p2 = _mm512_cvtneps_pbh(_mm512_sub_ps(r1, widen(p1)));
-  p[0] = (__m256i)p0;
-  p[1] = (__m256i)p1;
-  p[2] = (__m256i)p2;
-}
-
-// split of a and b at once, as 16 pairs (a[i], b[i]) per piece: one two-vector conversion per
-// piece, then the pairs' two halves widened back with a shift and a mask.
+// a and b as 16 pairs (a[i], b[i]) of bf16 per piece, a = a0 + a1 + a2 (and b): each piece
+// rounded to nearest, 8 significant bits each, 24 in all (fp32's), so the sum is exact for normal
+// values (each difference is exact in fp32). One two-vector conversion per piece, then the
+// pairs' two halves widened back with a shift and a mask.
 PYSEQK_AMX_TARGET inline void split_pairs(__m512 a, __m512 b, __m512i p[kPieces]) {
   const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
                                        8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -74,30 +60,30 @@ PYSEQK_AMX_TARGET inline void split_pairs(__m512 a, __m512 b, __m512i p[kPieces]
   }
 }
 
-template <bool kTwo>
+// Tiles 0-3 of C: (rows 0-15, block 0), (rows 0-15, block 1), (rows 16-31, block 0), (rows
+// 16-31, block 1); kTwo: two blocks of W, kHalves: both 16-row halves of X.
+template <bool kTwo, bool kHalves>
 PYSEQK_AMX_TARGET void gemm_blocks(const uint16_t* W, int64_t block_stride, int64_t kb0,
-                                   int64_t kbn, const uint16_t* X, int64_t piece_stride,
-                                   float* C, bool accumulate) {
-  constexpr int kLdc = kLanes * sizeof(float), kLdx = kPairRow * sizeof(uint16_t);
-  float* const C2 = C + kTileRows * kLanes;
+                                   int64_t kbn, const uint16_t* X, int64_t x_kb_stride,
+                                   int64_t ldx, int64_t piece_stride, float* C, int64_t ldc,
+                                   bool accumulate) {
+  const int64_t c_stride = ldc * sizeof(float), x_stride = ldx * sizeof(uint16_t);
+  float* const C2 = C + kTileRows * ldc;
+  const uint16_t* const X2 = X + kTileRows * ldx;
   if (accumulate) {
-    _tile_loadd(0, C, kLdc);
-    _tile_loadd(1, C + 16, kLdc);
-    if (kTwo) {
-      _tile_loadd(2, C2, kLdc);
-      _tile_loadd(3, C2 + 16, kLdc);
-    }
+    _tile_loadd(0, C, c_stride);
+    if (kTwo) _tile_loadd(1, C + 16, c_stride);
+    if (kHalves) _tile_loadd(2, C2, c_stride);
+    if (kTwo && kHalves) _tile_loadd(3, C2 + 16, c_stride);
   } else {
     _tile_zero(0);
-    _tile_zero(1);
-    if (kTwo) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
+    if (kTwo) _tile_zero(1);
+    if (kHalves) _tile_zero(2);
+    if (kTwo && kHalves) _tile_zero(3);
   }
   for (int64_t kb = 0; kb < kbn; ++kb) {
     const uint16_t* w = W + (kb0 + kb) * kPieces * kTileElems;
-    const uint16_t* x = X + kb * kTileRows * kPairRow;
+    const int64_t xk = kb * x_kb_stride;
     // w's piece p against x's pieces q <= 2 - p: each w tile loaded once a k-block (they come
     // from L2: a thread's slice is 384 KB-1.5 MB), x's again per piece of w (6 KB a k-block,
     // in L1). x-stationary, w's tiles loaded twice as often: RNN 2.42 -> 2.26 ms, GRU 5.28 ->
@@ -106,22 +92,35 @@ PYSEQK_AMX_TARGET void gemm_blocks(const uint16_t* W, int64_t block_stride, int6
       _tile_loadd(4, w + p * kTileElems, kTileK * 2);
       if (kTwo) _tile_loadd(5, w + p * kTileElems + block_stride, kTileK * 2);
       for (int q = 0; q + p < kPieces; ++q) {
-        _tile_loadd(6, x + q * piece_stride, kLdx);
-        _tile_loadd(7, x + q * piece_stride + kLanes, kLdx);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (kTwo) {
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(6, X + q * piece_stride + xk, x_stride);
+        _tile_dpbf16ps(0, 6, 4);
+        if (kTwo) _tile_dpbf16ps(1, 6, 5);
+        if (kHalves) {
+          _tile_loadd(7, X2 + q * piece_stride + xk, x_stride);
+          _tile_dpbf16ps(2, 7, 4);
+          if (kTwo) _tile_dpbf16ps(3, 7, 5);
         }
       }
     }
   }
-  _tile_stored(0, C, kLdc);
-  _tile_stored(1, C + 16, kLdc);
-  if (kTwo) {
-    _tile_stored(2, C2, kLdc);
-    _tile_stored(3, C2 + 16, kLdc);
+  _tile_stored(0, C, c_stride);
+  if (kTwo) _tile_stored(1, C + 16, c_stride);
+  if (kHalves) _tile_stored(2, C2, c_stride);
+  if (kTwo && kHalves) _tile_stored(3, C2 + 16, c_stride);
+}
+
+template <bool kHalves>
+void gemm_halves(const uint16_t* W, int64_t blocks, int64_t block_stride, int64_t kb0,
+                 int64_t kbn, const uint16_t* X, int64_t x_kb_stride, int64_t ldx,
+                 int64_t piece_stride, float* C, int64_t ldc, bool accumulate) {
+  int64_t m = 0;
+  for (; m + 2 <= blocks; m += 2) {
+    gemm_blocks<true, kHalves>(W + m * block_stride, block_stride, kb0, kbn, X, x_kb_stride, ldx,
+                               piece_stride, C + m * kTileRows, ldc, accumulate);
+  }
+  if (m < blocks) {
+    gemm_blocks<false, kHalves>(W + m * block_stride, block_stride, kb0, kbn, X, x_kb_stride,
+                                ldx, piece_stride, C + m * kTileRows, ldc, accumulate);
   }
 }
 
@@ -151,58 +150,49 @@ bool enabled() {
   return usable() && !(env && std::strcmp(env, "0") == 0);
 }
 
-PYSEQK_AMX_TARGET bool pack_rows(const float* const src[kTileRows], int64_t kn, uint16_t* dst) {
+PYSEQK_AMX_TARGET bool pack_tiles(const float* wt, int64_t ld, int64_t kn, uint16_t* dst) {
   __mmask16 bad = 0;
   for (int64_t kb = 0; kb * kTileK < kn; ++kb) {
     uint16_t* tiles = dst + kb * kPieces * kTileElems;
-    for (int r = 0; r < kTileRows; ++r) {
-      for (int h = 0; h < 2; ++h) {
-        const int64_t k = kb * kTileK + h * 16, n = std::min<int64_t>(16, kn - k);
-        const __m512 v = src[r] && n > 0
-            ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), src[r] + k)
-            : _mm512_setzero_ps();
-        bad |= unsplittable(v);
-        __m256i p[kPieces];
-        split(v, p);
-        for (int q = 0; q < kPieces; ++q) {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(tiles + q * kTileElems + r * kTileK +
-                                                         h * 16), p[q]);
-        }
+    for (int64_t kp = 0; kp < kTileRows; ++kp) {  // tile row kp: k = kp, kp + 16 (see kOrder)
+      const int64_t k = kb * kTileK + kp;
+      const __m512 a = k < kn ? _mm512_loadu_ps(wt + k * ld) : _mm512_setzero_ps();
+      const __m512 b = k + 16 < kn ? _mm512_loadu_ps(wt + (k + 16) * ld) : _mm512_setzero_ps();
+      bad |= unsplittable(a) | unsplittable(b);
+      __m512i p[kPieces];
+      split_pairs(a, b, p);
+      for (int q = 0; q < kPieces; ++q) {
+        _mm512_storeu_si512(tiles + q * kTileElems + kp * kTileRows * 2, p[q]);
       }
     }
   }
   return bad == 0;
 }
 
-PYSEQK_AMX_TARGET bool to_pairs(const float* src, int64_t ld, int64_t r0, int64_t r1,
-                                uint16_t* dst, int64_t piece_stride) {
+PYSEQK_AMX_TARGET bool split_row(const float* src, int64_t n, uint16_t* dst,
+                                 int64_t kb_stride, int64_t piece_stride) {
+  auto mask = [n](int64_t i) {
+    return static_cast<__mmask16>(n - i >= 16 ? 0xffff : n - i <= 0 ? 0 : (1u << (n - i)) - 1);
+  };
   __mmask16 bad = 0;
-  for (int64_t r = r0; r < r1; r += 2) {
-    for (int h = 0; h < 2; ++h) {
-      const __m512 a = _mm512_loadu_ps(src + r * ld + h * 16);
-      const __m512 b = r + 1 < r1 ? _mm512_loadu_ps(src + (r + 1) * ld + h * 16)
-                                  : _mm512_setzero_ps();
-      bad |= unsplittable(a) | unsplittable(b);
-      __m512i p[kPieces];
-      split_pairs(a, b, p);
-      uint16_t* row = dst + r / 2 * kPairRow + h * kLanes;
-      for (int q = 0; q < kPieces; ++q) _mm512_storeu_si512(row + q * piece_stride, p[q]);
-    }
+  for (int64_t i = 0; i < n; i += kTileK) {
+    const __m512 a = _mm512_maskz_loadu_ps(mask(i), src + i);
+    const __m512 b = _mm512_maskz_loadu_ps(mask(i + 16), src + i + 16);
+    bad |= unsplittable(a) | unsplittable(b);
+    __m512i p[kPieces];
+    split_pairs(a, b, p);
+    uint16_t* const block = dst + i / kTileK * kb_stride;
+    for (int q = 0; q < kPieces; ++q) _mm512_storeu_si512(block + q * piece_stride, p[q]);
   }
   return bad == 0;
 }
 
 void gemm(const uint16_t* W, int64_t blocks, int64_t block_stride, int64_t kb0, int64_t kbn,
-          const uint16_t* X, int64_t piece_stride, float* C, bool accumulate) {
-  int64_t m = 0;
-  for (; m + 2 <= blocks; m += 2) {
-    gemm_blocks<true>(W + m * block_stride, block_stride, kb0, kbn, X, piece_stride,
-                      C + m * kTileRows * kLanes, accumulate);
-  }
-  if (m < blocks) {
-    gemm_blocks<false>(W + m * block_stride, block_stride, kb0, kbn, X, piece_stride,
-                       C + m * kTileRows * kLanes, accumulate);
-  }
+          const uint16_t* X, int64_t x_kb_stride, int64_t ldx, int64_t piece_stride, int halves,
+          float* C, int64_t ldc, bool accumulate) {
+  (halves == 2 ? gemm_halves<true> : gemm_halves<false>)(W, blocks, block_stride, kb0, kbn, X,
+                                                          x_kb_stride, ldx, piece_stride, C, ldc,
+                                                          accumulate);
 }
 
 TileConfig::TileConfig() { load_config(); }

@@ -33,10 +33,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <optional>
 #include <utility>
 
 #include "cpu/amx.h"
+#include "cpu/fused_team.h"
 #include "cpu/gemm.h"
 #include "cpu/spin_barrier.h"
 #include "cpu/vec_io.h"
@@ -50,60 +50,7 @@ namespace {
 
 constexpr int64_t kLd = kGemmBatch;  // lanes of the transposed buffers (batch rows, padded)
 
-int gate_count(FusedLayer::Kind kind) {
-  switch (kind) {
-    case FusedLayer::kLstm: return 4;
-    case FusedLayer::kGru: return 3;
-    default: return 1;
-  }
-}
-
-// Hidden units per thread: a multiple of 16 (whole transpose tiles), as the other team loops.
-int64_t unit_chunk(int64_t H, int threads) { return ((H + threads - 1) / threads + 15) / 16 * 16; }
-
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-
-// Scratch of the calling thread, kept across calls for each use (the OpenMP team's threads
-// persist): a fresh allocation of the 1 MB weight slice each call is an mmap whose first touch
-// page-faults; zeroed when asked. Slots past kKeptScratchBytes are freed after the call
-// (release_large_scratch): a weight slice of H = 1024 is 16 MB per thread.
-enum ScratchUse { kWeights, kBias, kSums, kCell, kInput, kInputPairs, kShared, kSharedPairs,
-                  kScratchUses };
-constexpr int64_t kKeptScratchBytes = int64_t(4) << 20;
-struct ScratchSlot {
-  std::unique_ptr<float, FreeDeleter> p;
-  int64_t capacity = 0;
-};
-thread_local ScratchSlot scratch_slots[kScratchUses];
-
-// shared: also the slots the team shares (kShared, kSharedPairs, kInputPairs), which it reads until the parallel region ends (the calling
-// thread releases it after; inside the region another thread may still be reading it).
-void release_large_scratch(bool shared) {
-  for (int use = 0; use < kScratchUses; ++use) {
-    ScratchSlot& slot = scratch_slots[use];
-    const bool team_reads = use == kShared || use == kSharedPairs || use == kInputPairs;
-    if ((shared || !team_reads) && slot.capacity * int64_t(sizeof(float)) > kKeptScratchBytes) {
-      slot.p.reset();
-      slot.capacity = 0;
-    }
-  }
-}
-
-// nullptr when the allocation fails: the team's threads must not throw inside the parallel
-// region (that terminates the process); run reports it after the region.
-float* scratch(ScratchUse use, int64_t n, bool zero) {
-  ScratchSlot& slot = scratch_slots[use];
-  if (slot.capacity < n) {
-    const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
-    slot.p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    slot.capacity = slot.p ? n : 0;
-    if (!slot.p) return nullptr;
-  }
-  if (zero) std::memset(slot.p.get(), 0, n * sizeof(float));
-  return slot.p.get();
-}
+using namespace fused;
 
 }  // namespace
 
@@ -124,29 +71,24 @@ inline __mmask16 lane_mask(uint32_t valid, int v) {
 // Per thread: its hidden units [c0, c1), their packed weights and transposed state.
 struct Slice {
   int64_t c0 = 0, c1 = 0, units = 0;
-  int64_t pitch = 0;      // rows of sums per gate: units, or on the tile unit a multiple of 16
   float* w = nullptr;     // [G * units, I + H], rows gate-major, [w_ih row | w_hh row], in
                           // gemm.h's panels (per GEMM segment: see pack)
-  uint16_t* tiles = nullptr;  // the tile unit's instead (amx.h): per block of 16 of the G * pitch
-                              // rows, kbi k-blocks of w_ih then kbh of w_hh
   float* bias = nullptr;  // [G * units (+ units: GRU b_hn)]
-  float* sums = nullptr;  // [(G + 1) * pitch, kLd]: the gate sums, then in place what goes to ws
+  float* sums = nullptr;  // [(G + 1) * units, kLd]: the gate sums, then in place what goes to ws
   float* c = nullptr;     // [units, kLd]: the LSTM cell state, transposed
 };
 
-// The tile unit's k-blocks of I or H columns.
-int64_t k_blocks(int64_t k) { return (k + amx::kTileK - 1) / amx::kTileK; }
-// Elements of one 16-row block of tile-packed weights (all its k-blocks and pieces).
-int64_t tile_block_stride(int64_t I, int64_t H) {
-  return (k_blocks(I) + k_blocks(H)) * amx::kPieces * amx::kTileElems;
-}
-// Elements of one piece of X in pairs, k columns (padded to whole k-blocks).
-int64_t pair_piece_stride(int64_t k) { return k_blocks(k) * amx::kTileRows * amx::kPairRow; }
-
-// The weight rows in panels (gemm.h), per segment of rows that one GEMM call covers: all G * U
-// rows, or the GRU's r, z rows and its n rows (whose hidden part has sums of their own).
-void pack_panels(const FusedLayer& f, int G, Slice& sl) {
+// false: a scratch allocation failed (nothing packed).
+bool pack(const FusedLayer& f, int G, Slice& sl) {
   const int64_t I = f.I, H = f.H, K = I + H, U = sl.units;
+  sl.w = scratch(kWeights, G * U * K, false);
+  sl.bias = scratch(kBias, (G + 1) * U, true);
+  sl.sums = scratch(kSums, (G + 1) * U * kLd, true);
+  if (f.kind == FusedLayer::kLstm) sl.c = scratch(kCell, U * kLd, true);
+  if (!sl.w || !sl.bias || !sl.sums || (f.kind == FusedLayer::kLstm && !sl.c)) return false;
+  float* bias = sl.bias;
+  // The weight rows in panels (gemm.h), per segment of rows that one GEMM call covers: all G * U
+  // rows, or the GRU's r, z rows and its n rows (whose hidden part has sums of their own).
   const int64_t cut = f.kind == FusedLayer::kGru ? 2 * U : G * U;
   for (const auto [m0, m1] : {std::pair<int64_t, int64_t>{0, cut}, {cut, G * U}}) {
     for (int64_t b0 = m0; b0 < m1; b0 += kPanelRows) {
@@ -164,54 +106,6 @@ void pack_panels(const FusedLayer& f, int G, Slice& sl) {
       for (int64_t k = 0; k < H; ++k)
         for (int64_t i = 0; i < rows; ++i) *block++ = src_hh[i][k];
     }
-  }
-}
-
-// The tile unit's weights: per 16-row block of the G * pitch rows (a gate's rows past units are
-// zero), the w_ih part's k-blocks then w_hh's. false: a weight did not split (amx.h).
-bool pack_tiles(const FusedLayer& f, int G, Slice& sl) {
-  bool split = true;
-  const int64_t I = f.I, H = f.H, P = sl.pitch;
-  const int64_t stride = tile_block_stride(I, H), ih_part = k_blocks(I) * amx::kPieces *
-                                                            amx::kTileElems;
-  for (int64_t b0 = 0; b0 < G * P; b0 += amx::kTileRows) {
-    const float* src_ih[amx::kTileRows];
-    const float* src_hh[amx::kTileRows];
-    for (int64_t i = 0; i < amx::kTileRows; ++i) {
-      const int64_t g = (b0 + i) / P, u = (b0 + i) % P, r = g * H + sl.c0 + u;
-      src_ih[i] = u < sl.units ? f.w_ih + r * I : nullptr;
-      src_hh[i] = u < sl.units ? f.w_hh + r * H : nullptr;
-    }
-    uint16_t* block = sl.tiles + b0 / amx::kTileRows * stride;
-    split &= amx::pack_rows(src_ih, I, block);
-    split &= amx::pack_rows(src_hh, H, block + ih_part);
-  }
-  return split;
-}
-
-// false: a scratch allocation failed (nothing packed). split: set to false when a weight did not
-// split for the tile unit.
-bool pack(const FusedLayer& f, int G, bool tile_unit, Slice& sl, bool& split) {
-  const int64_t I = f.I, H = f.H, K = I + H, U = sl.units;
-  sl.pitch = tile_unit ? (U + amx::kTileRows - 1) / amx::kTileRows * amx::kTileRows : U;
-  const int64_t P = sl.pitch;
-  if (tile_unit) {  // bf16 elements in the float slot
-    sl.tiles = reinterpret_cast<uint16_t*>(
-        scratch(kWeights, G * P / amx::kTileRows * tile_block_stride(I, H) / 2, false));
-  } else {
-    sl.w = scratch(kWeights, G * U * K, false);
-  }
-  sl.bias = scratch(kBias, (G + 1) * U, true);
-  sl.sums = scratch(kSums, (G + 1) * P * kLd, true);
-  if (f.kind == FusedLayer::kLstm) sl.c = scratch(kCell, U * kLd, true);
-  if (!(sl.w || sl.tiles) || !sl.bias || !sl.sums || (f.kind == FusedLayer::kLstm && !sl.c)) {
-    return false;
-  }
-  float* bias = sl.bias;
-  if (tile_unit) {
-    split &= pack_tiles(f, G, sl);
-  } else {
-    pack_panels(f, G, sl);
   }
   for (int g = 0; g < G; ++g) {
     for (int64_t u = 0; u < U; ++u) {
@@ -232,7 +126,7 @@ bool pack(const FusedLayer& f, int G, bool tile_unit, Slice& sl, bool& split) {
 // differently, and the output with a workspace must equal the one without, bit for bit.
 template <FusedLayer::Kind kKind>
 void step_math(Slice& sl, const float* cur, float* nxt, uint32_t valid, bool keep) {
-  const int64_t U = sl.units, P = sl.pitch;
+  const int64_t U = sl.units;
   const float* bias = sl.bias;
   auto row = [&](int64_t r, int v) { return sl.sums + r * kLd + v * kL; };
   for (int64_t u = 0; u < U; ++u) {
@@ -240,9 +134,9 @@ void step_math(Slice& sl, const float* cur, float* nxt, uint32_t valid, bool kee
       const __mmask16 m = lane_mask(valid, v);
       float* hp = nxt + (sl.c0 + u) * kLd + v * kL;
       const V h_prev = V::loadu(cur + (sl.c0 + u) * kLd + v * kL);
-      auto pre = [&](int g) { return V::loadu(row(g * P + u, v)) + V(bias[g * U + u]); };
+      auto pre = [&](int g) { return V::loadu(row(g * U + u, v)) + V(bias[g * U + u]); };
       auto save = [&](int g, V x) {
-        if (keep) _mm512_storeu_ps(row(g * P + u, v), _mm512_maskz_mov_ps(m, x));
+        if (keep) _mm512_storeu_ps(row(g * U + u, v), _mm512_maskz_mov_ps(m, x));
       };
       V h;
       if constexpr (kKind == FusedLayer::kLstm) {
@@ -257,7 +151,7 @@ void step_math(Slice& sl, const float* cur, float* nxt, uint32_t valid, bool kee
         save(2, a.g);
         save(3, a.o);
       } else if constexpr (kKind == FusedLayer::kGru) {
-        const V hn = V::loadu(row(3 * P + u, v)) + V(bias[3 * U + u]);
+        const V hn = V::loadu(row(3 * U + u, v)) + V(bias[3 * U + u]);
         const V zero(0.f);
         const auto a = math::gru_activate(pre(0), pre(1), pre(2), zero, zero, hn);
         h = math::gru_state(a, h_prev);
@@ -298,36 +192,16 @@ inline void prefetch_others(const float* h, int64_t H, const Slice& sl) {
   }
 }
 
-// tile_unit: the GEMMs on the tile unit (amx.h), else gemm.h's panels. false: on the tile unit,
-// a value did not split (inf, NaN or beyond bf16's range, in the weights, x or h), and the
-// outputs are not to be used: the caller runs the call again with FMAs.
-bool run(const FusedLayer& f, int team, bool tile_unit) {
+void run(const FusedLayer& f, int team) {
   const int64_t T = f.T, B = f.B, I = f.I, H = f.H, K = I + H;
   const int G = gate_count(f.kind);
   const bool lstm = f.kind == FusedLayer::kLstm, gru = f.kind == FusedLayer::kGru;
   const int64_t ws_cols = 4 * H;  // LSTM gates i, f, g, o; GRU r, z, n, hn
   // h_{t-1}^T of even and odd steps, shared (each thread writes its units' rows); padding lanes
-  // stay 0. On the tile unit, the hidden part reads h_{t-1} in pairs instead (hpairs, shared the
-  // same way; pair rows past H / 2 stay 0), and h^T's rows are read by their own thread only.
-  const int64_t xps = pair_piece_stride(I), hps = pair_piece_stride(H);
+  // stay 0.
   float* const hbuf = scratch(kShared, 2 * H * kLd, true);
-  uint16_t* const hpairs = tile_unit ? reinterpret_cast<uint16_t*>(scratch(
-                                           kSharedPairs, 2 * amx::kPieces * hps / 2, true))
-                                     : nullptr;
-  // x_s in pairs, on the tile unit: shared too, kXSlots slots; each thread converts its k-blocks
-  // of x_{s+kXAhead} while the others finish step s (x is ~10 % of the RNN's step, and each
-  // thread converting all of it twice the work). kXAhead: the input part of step s + 1 runs
-  // after step s's arrive, before its await, so the other threads' conversions of x_{s+1} must
-  // have come before their arrive of step s - 1, which this thread has awaited.
-  constexpr int64_t kXSlots = 4, kXAhead = 3;
-  uint16_t* const xpairs = tile_unit ? reinterpret_cast<uint16_t*>(scratch(
-                                           kInputPairs, kXSlots * amx::kPieces * xps / 2, true))
-                                     : nullptr;
-  TORCH_CHECK(hbuf && ((hpairs && xpairs) || !tile_unit),
-              "pyseqk: could not allocate the fused layer's ",
-              2 * H * kLd * 4 + (tile_unit ? (2 * hps + kXSlots * xps) * amx::kPieces * 2 : 0),
-              " bytes");
-  std::atomic<bool> out_of_memory{false}, unsplit{false};
+  TORCH_CHECK(hbuf, "pyseqk: could not allocate the fused layer's ", 2 * H * kLd * 4, " bytes");
+  std::atomic<bool> out_of_memory{false};
   SpinBarrier barrier;
   auto time_of = [&](int64_t s) { return f.reverse ? T - 1 - s : s; };
   auto valid_lanes = [&](int64_t t) {
@@ -346,71 +220,35 @@ bool run(const FusedLayer& f, int team, bool tile_unit) {
     sl.c1 = std::min(H, sl.c0 + chunk);
     sl.units = sl.c1 - sl.c0;
     // x_t^T, this thread's own: read from the input by each thread (shared halves cost each
-    // reader ~16 KB a step in cross-core transfers). On the tile unit, only the rows of the
-    // thread's k-blocks (kx0..kx1), on their way into the shared pairs.
+    // reader ~16 KB a step in cross-core transfers).
     float* const xt = scratch(kInput, I * kLd, true);
-    const int64_t kchunk = (k_blocks(I) + nt - 1) / nt * amx::kTileK;
-    const int64_t kx0 = std::min(I, tid * kchunk), kx1 = std::min(I, kx0 + kchunk);
-    bool split = true;  // this thread's: all its values split for the tile unit
-    if (sl.units > 0 && (!xt || !pack(f, G, tile_unit, sl, split))) {
+    if (sl.units > 0 && (!xt || !pack(f, G, sl))) {
       // Out of memory: this thread only keeps the barriers' count; run throws after the region.
       out_of_memory.store(true);
       sl.units = 0;
     }
-    const int64_t U = sl.units, P = sl.pitch;
-    std::optional<amx::TileConfig> tile_config;
-    if (tile_unit && U > 0) tile_config.emplace();
-    auto x_pairs = [&](int64_t s) { return xpairs + s % kXSlots * amx::kPieces * xps; };
+    const int64_t U = sl.units;
     auto load_x = [&](int64_t s) {
-      if (!tile_unit) {
-        transpose_f32(f.x + time_of(s) * B * I, I, xt, kLd, B, I);
-      } else if (s < T) {
-        transpose_f32(f.x + time_of(s) * B * I + kx0, I, xt + kx0 * kLd, kLd, B, kx1 - kx0);
-        split &= amx::to_pairs(xt, kLd, kx0, kx1, x_pairs(s), xps);
-      }
-    };
-    // h_t's pairs from this thread's rows of h^T (slot: the step's parity).
-    auto h_pairs = [&](int64_t slot) { return hpairs + slot * amx::kPieces * hps; };
-    auto share_h = [&](const float* h, int64_t slot) {
-      if (tile_unit) split &= amx::to_pairs(h, kLd, sl.c0, sl.c1, h_pairs(slot), hps);
-    };
-    // GEMM segments: rows [0, cut) of the packed weights take the input and hidden parts into
-    // sums' first rows; the GRU's n rows, [cut, G * pitch), their input part after them and
-    // their hidden part apart (row 3 * pitch on).
-    const int64_t cut = (gru ? 2 : G) * P, n_rows = G * P - cut;
-    const int64_t tstride = tile_unit ? tile_block_stride(I, H) : 0, kbi = k_blocks(I);
-    auto input_gemm = [&](int64_t s, int64_t m0, int64_t rows, float* C) {
-      if (tile_unit) {
-        amx::gemm(sl.tiles + m0 / amx::kTileRows * tstride, rows / amx::kTileRows, tstride, 0,
-                  kbi, x_pairs(s), xps, C, false);
-      } else {
-        gemm_panels(sl.w + m0 * K, rows, K, 0, I, xt, kLd, C, kLd, false);
-      }
-    };
-    auto hidden_gemm = [&](int64_t m0, int64_t rows, int64_t slot, float* C, bool accumulate) {
-      if (tile_unit) {
-        amx::gemm(sl.tiles + m0 / amx::kTileRows * tstride, rows / amx::kTileRows, tstride, kbi,
-                  k_blocks(H), h_pairs(slot), hps, C, accumulate);
-      } else {
-        gemm_panels(sl.w + m0 * K, rows, K, I, H, hbuf + slot * H * kLd, kLd, C, kLd,
-                    accumulate);
-      }
+      transpose_f32(f.x + time_of(s) * B * I, I, xt, kLd, B, I);
     };
     if (U > 0) {
       transpose_f32(f.h0 + sl.c0, H, hbuf + sl.c0 * kLd, kLd, B, U);
-      share_h(hbuf, 0);
       if (lstm) transpose_f32(f.c0 + sl.c0, H, sl.c, kLd, B, U);
-      for (int64_t s = 0; s < (tile_unit ? kXAhead : 1); ++s) load_x(s);
+      load_x(0);
     }
     // Step s's input part of the gate sums (no other thread's results needed): for s = 0 here,
     // then each one while the other threads finish the step before.
     auto input_part = [&](int64_t s) {
       if (U == 0 || valid_lanes(time_of(s)) == 0) return;
-      input_gemm(s, 0, cut, sl.sums);
-      if (n_rows > 0) input_gemm(s, cut, n_rows, sl.sums + cut * kLd);
+      if (gru) {
+        gemm_panels(sl.w, 2 * U, K, 0, I, xt, kLd, sl.sums, kLd, false);
+        gemm_panels(sl.w + 2 * U * K, U, K, 0, I, xt, kLd, sl.sums + 2 * U * kLd, kLd, false);
+      } else {
+        gemm_panels(sl.w, G * U, K, 0, I, xt, kLd, sl.sums, kLd, false);
+      }
     };
-    barrier.wait(nt);
     input_part(0);
+    barrier.wait(nt);
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = time_of(s), in = f.reverse ? t : t + 1;  // in: the state slot written
       const float* cur = hbuf + (s & 1) * H * kLd;
@@ -419,14 +257,13 @@ bool run(const FusedLayer& f, int team, bool tile_unit) {
       float* const sums = sl.sums;
       if (U > 0) {
         if (valid != 0) {  // the hidden part: GRU r, z onto the input part, n's apart
-          // (On the tile unit, prefetching the others' pairs made no difference: 2.397 against
-          // 2.390 ms, RNN T = 100, B = 32, H = 256.)
-          if (!tile_unit) prefetch_others(cur, H, sl);
-          hidden_gemm(0, cut, s & 1, sums, true);
-          if (n_rows > 0) hidden_gemm(cut, n_rows, s & 1, sums + 3 * P * kLd, false);
+          prefetch_others(cur, H, sl);
+          gemm_panels(sl.w, (gru ? 2 : G) * U, K, I, H, cur, kLd, sums, kLd, true);
+          if (gru) {
+            gemm_panels(sl.w + 2 * U * K, U, K, I, H, cur, kLd, sums + 3 * U * kLd, kLd, false);
+          }
         }
         step_math(f.kind, sl, cur, nxt, valid, f.ws != nullptr);
-        share_h(nxt, (s + 1) & 1);
       }
       // h_t's rows of this thread are in nxt: the others may go on once all have arrived.
       const unsigned token = barrier.arrive(nt);
@@ -440,7 +277,7 @@ bool run(const FusedLayer& f, int team, bool tile_unit) {
         }
         if (f.ws) {
           for (int g = 0; g < 4; ++g) {
-            transpose_f32(sums + g * P * kLd, kLd, f.ws + t * B * ws_cols + g * H + sl.c0, ws_cols,
+            transpose_f32(sums + g * U * kLd, kLd, f.ws + t * B * ws_cols + g * H + sl.c0, ws_cols,
                           U, B);
           }
         }
@@ -451,29 +288,25 @@ bool run(const FusedLayer& f, int team, bool tile_unit) {
           if (lstm) transpose_f32(sl.c, kLd, f.c_n + sl.c0, H, U, B);
         }
         if (s + 1 < T) {
-          if (!tile_unit) load_x(s + 1);
+          load_x(s + 1);
           input_part(s + 1);
         }
-        if (tile_unit) load_x(s + kXAhead);
       }
       barrier.await(token);
     }
-    if (!split) unsplit.store(true);
     release_large_scratch(/*shared=*/false);
   }
   release_large_scratch(/*shared=*/true);
   TORCH_CHECK(!out_of_memory.load(), "pyseqk: could not allocate the fused layer's per-thread "
               "scratch (its packed weights: ", G * (I + H) * 4, " bytes per hidden unit)");
-  return !unsplit.load();
 }
 
 }  // namespace
 
 void fused_layer_forward(const FusedLayer& f) {
   const int threads = std::max(1, at::get_num_threads());
-  const int64_t chunk = unit_chunk(f.H, threads);
-  const int team = static_cast<int>((f.H + chunk - 1) / chunk);
-  if (!run(f, team, amx::enabled())) run(f, team, false);
+  if (amx::enabled() && run_tiles(f, threads)) return;
+  run(f, team_size(f.H, unit_chunk(f.H, threads)));
 }
 #else
 void fused_layer_forward(const FusedLayer&) {

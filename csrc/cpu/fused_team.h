@@ -1,0 +1,92 @@
+// What the two fused whole-layer forwards share (csrc/cpu/fused_layer.cpp on FMAs, transposed;
+// csrc/cpu/fused_layer_tiles.cpp on the AMX tile unit, batch rows): the team's split of the
+// hidden units and the per-thread scratch kept across calls.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "pyseqk/layer_kernels.h"
+
+namespace pyseqk {
+namespace cpu {
+namespace fused {
+
+inline int gate_count(FusedLayer::Kind kind) {
+  switch (kind) {
+    case FusedLayer::kLstm: return 4;
+    case FusedLayer::kGru: return 3;
+    default: return 1;
+  }
+}
+
+// Hidden units per thread: a multiple of `multiple` (16: whole transpose tiles, as the other team
+// loops; 32: whole k-blocks of the tile unit), and the team that covers H with them.
+inline int64_t unit_chunk(int64_t H, int threads, int64_t multiple = 16) {
+  return ((H + threads - 1) / threads + multiple - 1) / multiple * multiple;
+}
+inline int team_size(int64_t H, int64_t chunk) { return static_cast<int>((H + chunk - 1) / chunk); }
+
+// Scratch of the calling thread, kept across calls for each use (the OpenMP team's threads
+// persist): a fresh allocation of the 1 MB weight slice each call is an mmap whose first touch
+// page-faults; zeroed when asked. Slots past kKeptScratchBytes are freed after the call
+// (release_large_scratch): a weight slice of H = 1024 is 16 MB per thread. The shared uses are
+// the calling thread's buffers that the whole team reads.
+enum ScratchUse {
+  kWeights, kWeightsT, kBias, kSums, kCell, kState, kInput,  // each thread's own
+  kShared, kSharedPieces, kInputPieces,                      // shared
+  kScratchUses
+};
+constexpr int64_t kKeptScratchBytes = int64_t(4) << 20;
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+struct ScratchSlot {
+  std::unique_ptr<float, FreeDeleter> p;
+  int64_t capacity = 0;
+};
+inline thread_local ScratchSlot scratch_slots[kScratchUses];
+
+// shared: also the shared uses, which the team reads until the parallel region ends (the calling
+// thread releases them after; inside the region another thread may still be reading them).
+inline void release_large_scratch(bool shared) {
+  for (int use = 0; use < kScratchUses; ++use) {
+    ScratchSlot& slot = scratch_slots[use];
+    if ((shared || use < kShared) && slot.capacity * int64_t(sizeof(float)) > kKeptScratchBytes) {
+      slot.p.reset();
+      slot.capacity = 0;
+    }
+  }
+}
+
+// n floats; nullptr when the allocation fails: the team's threads must not throw inside the
+// parallel region (that terminates the process); the forward reports it after the region.
+inline float* scratch(ScratchUse use, int64_t n, bool zero) {
+  ScratchSlot& slot = scratch_slots[use];
+  if (slot.capacity < n) {
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
+    slot.p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    slot.capacity = slot.p ? n : 0;
+    if (!slot.p) return nullptr;
+  }
+  if (zero) std::memset(slot.p.get(), 0, n * sizeof(float));
+  return slot.p.get();
+}
+
+// The forward on the AMX tile unit (csrc/cpu/fused_layer_tiles.cpp; AVX-512 builds on a CPU
+// with it: amx::enabled()), in a team of up to `threads`. false: a value did not split into bf16 pieces (inf,
+// NaN, beyond bf16's range: amx.h), and the outputs are not to be used: the caller runs the FMA
+// forward instead.
+bool run_tiles(const FusedLayer& f, int threads);
+
+// n bf16 (as uint16_t) in a float slot.
+inline uint16_t* scratch_bf16(ScratchUse use, int64_t n, bool zero) {
+  return reinterpret_cast<uint16_t*>(scratch(use, (n + 1) / 2, zero));
+}
+
+}  // namespace fused
+}  // namespace cpu
+}  // namespace pyseqk
