@@ -56,6 +56,10 @@ CONFIGS = {
     "fused_B24": (3, 24, 33, 70, None, False, False),
     "fused_B30": (4, 30, 16, 50, [(5 * b) % 5 for b in range(30)], True, True),
     "fused_wide": (2, 24, 400, 400, None, False, True),
+    # On a CPU with the AMX tile unit, batches of 12-23 rows take it too (csrc/cpu/
+    # fused_layer_tiles.cpp, one 16-row tile at B = 13): 70 units split 64 + 6, unsorted lengths
+    # with zeros, reversed. Elsewhere the loop of csrc/ops/layers.cpp.
+    "tiles_B13": (3, 13, 33, 70, [(4 * b) % 4 for b in range(13)], True, True),
 }
 # The Triton interpreter runs every op of every step in Python (~1 s per small layer call):
 # the same cases, smaller.
@@ -71,7 +75,7 @@ TRITON_CONFIGS = {
 }
 LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1", "team_H185"]
 # Paths that only fp32 takes, run in fp32 besides fp64.
-FP32_CONFIGS = ["team_B27", "team_B32", "fused_B24", "fused_B30", "fused_wide"]
+FP32_CONFIGS = ["team_B27", "team_B32", "fused_B24", "fused_B30", "fused_wide", "tiles_B13"]
 TRITON_LOW_PRECISION_CONFIGS = ["unsorted_zero_rev"]
 
 
@@ -250,15 +254,18 @@ def tile_unit():
     return {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
 
 
+@pytest.mark.parametrize("B", [14, 30])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-def test_fused_layer_tile_unit_and_fma(kind, monkeypatch):
-    """The fused forward's two GEMMs: the tile unit's (six bf16 piece products a product, amx.h)
-    and gemm.h's FMAs (PYSEQK_CPU_AMX=0): both within the fp32 rule of the float64 reference,
-    forward and gradients, at 50 units (a partial 16-row tile block on the second thread), an
-    odd input width of 71 (a half-filled pair row and k-block) and unsorted lengths, reversed. On
-    a CPU with the tile unit, the two differ (the tile unit's path ran)."""
-    args = fused_args(kind, "both", B=30, I=71, H=50, T=5)
-    lens = torch.tensor([(3 * b) % 6 for b in range(30)])
+def test_fused_layer_tile_unit_and_fma(kind, B, monkeypatch):
+    """The fused forward on the tile unit (csrc/cpu/fused_layer_tiles.cpp: six bf16 piece
+    products a product, amx.h) and on FMAs (PYSEQK_CPU_AMX=0: csrc/cpu/fused_layer.cpp at
+    B = 30, the split loop at 14): both within the fp32 rule of the float64 reference, forward and
+    gradients, at 50 units (32 + 18: the second thread's a partial tile column block), an odd
+    input width of 71 (a partial k-block) and unsorted lengths with zeros, reversed; one 16-row
+    tile of the batch (B = 14) or two. On a CPU with the tile unit, the two differ (its path
+    ran)."""
+    args = fused_args(kind, "both", B=B, I=71, H=50, T=5)
+    lens = torch.tensor([(3 * b) % 6 for b in range(B)])
     ref_outs, ref_grads = run_with_grads(layer_fn(kind, R), double(args), lengths=lens,
                                          reverse=True)
     t_outs, t_grads = run_with_grads(layer_fn(kind, R), args, lengths=lens, reverse=True)

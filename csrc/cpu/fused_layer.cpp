@@ -55,7 +55,8 @@ using namespace fused;
 }  // namespace
 
 bool fused_layer_fits(int64_t B) {
-  return kGemmFused && B >= kFusedMinBatch && B <= kLd && !at::in_parallel_region();
+  if (!kGemmFused || B > kLd || at::in_parallel_region()) return false;
+  return B >= (amx::enabled() ? kTilesMinBatch : kFusedMinBatch);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)

@@ -94,8 +94,10 @@ void small_gemm_gates_f32(int G, int64_t M, int64_t N, int64_t K, const float* A
                           int64_t ldc);
 
 // One fp32 layer's whole forward (no LSTM projection) in one thread team, the input projection
-// inside the time loop (csrc/cpu/fused_layer.cpp): the CPU's path for batches of
-// kFusedMinBatch..32 rows on AVX-512 builds. Pointers are contiguous row-major fp32.
+// inside the time loop (csrc/cpu/fused_layer.cpp; on the AMX tile unit where the CPU has it,
+// csrc/cpu/fused_layer_tiles.cpp): the CPU's path for batches of kFusedMinBatch..32 rows
+// (kTilesMinBatch..32 with the tile unit) on AVX-512 builds. Pointers are contiguous row-major
+// fp32.
 struct FusedLayer {
   enum Kind { kLstm, kGru, kRnnTanh, kRnnRelu };
   Kind kind = kLstm;
@@ -122,6 +124,11 @@ struct FusedLayer {
 // T = 50, H = 256: the LSTM 5.8 ms against 5.4 in the loop of csrc/ops/layers.cpp; B = 8: 6.0
 // against 2.3).
 constexpr int64_t kFusedMinBatch = 24;
+// The same on a CPU with the AMX tile unit (csrc/cpu/fused_layer_tiles.cpp; 16-row tiles): at
+// T = 100, H = 256, against that loop, B = 12: LSTM 4.09 ms against 5.01, GRU 2.61 / 3.71, RNN
+// 1.18 / 1.58; B = 8: LSTM 3.89 against 3.39 (its 1.5 MB of weight pieces per thread stream
+// each step), RNN equal.
+constexpr int64_t kTilesMinBatch = 12;
 // Whether fused_layer_forward takes a batch of B rows here (an AVX-512 build, not inside a
 // parallel region); the dtype and the caller's other conditions are the caller's to check.
 bool fused_layer_fits(int64_t B);
