@@ -73,7 +73,10 @@ TRITON_CONFIGS = {
     "empty_batch": (2, 0, 3, 5, None, False, True),
     "T0": (0, 2, 3, 5, [0, 0], False, True),
 }
-LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1", "team_H185"]
+# fused_B30 and tiles_B13: on a CPU with the AMX tile unit, bfloat16 layers take its bf16
+# products there (csrc/cpu/fused_layer_tiles.cpp).
+LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1", "team_H185",
+                         "fused_B30", "tiles_B13"]
 # Paths that only fp32 takes, run in fp32 besides fp64.
 FP32_CONFIGS = ["team_B27", "team_B32", "fused_B24", "fused_B30", "fused_wide", "tiles_B13"]
 TRITON_LOW_PRECISION_CONFIGS = ["unsorted_zero_rev"]

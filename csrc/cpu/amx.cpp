@@ -65,8 +65,8 @@ PYSEQK_AMX_TARGET inline void split_pairs(__m512 a, __m512 b, __m512i p[kPieces]
 template <bool kTwo, bool kHalves>
 PYSEQK_AMX_TARGET void gemm_blocks(const uint16_t* W, int64_t block_stride, int64_t kb0,
                                    int64_t kbn, const uint16_t* X, int64_t x_kb_stride,
-                                   int64_t ldx, int64_t piece_stride, float* C, int64_t ldc,
-                                   bool accumulate) {
+                                   int64_t ldx, int64_t piece_stride, int pieces, float* C,
+                                   int64_t ldc, bool accumulate) {
   const int64_t c_stride = ldc * sizeof(float), x_stride = ldx * sizeof(uint16_t);
   float* const C2 = C + kTileRows * ldc;
   const uint16_t* const X2 = X + kTileRows * ldx;
@@ -88,10 +88,10 @@ PYSEQK_AMX_TARGET void gemm_blocks(const uint16_t* W, int64_t block_stride, int6
     // from L2: a thread's slice is 384 KB-1.5 MB), x's again per piece of w (6 KB a k-block,
     // in L1). x-stationary, w's tiles loaded twice as often: RNN 2.42 -> 2.26 ms, GRU 5.28 ->
     // 5.05 (T = 100, B = 32, H = 256, one process alternating the two).
-    for (int p = 0; p < kPieces; ++p) {
+    for (int p = 0; p < pieces; ++p) {
       _tile_loadd(4, w + p * kTileElems, kTileK * 2);
       if (kTwo) _tile_loadd(5, w + p * kTileElems + block_stride, kTileK * 2);
-      for (int q = 0; q + p < kPieces; ++q) {
+      for (int q = 0; q + p < pieces; ++q) {
         _tile_loadd(6, X + q * piece_stride + xk, x_stride);
         _tile_dpbf16ps(0, 6, 4);
         if (kTwo) _tile_dpbf16ps(1, 6, 5);
@@ -112,15 +112,15 @@ PYSEQK_AMX_TARGET void gemm_blocks(const uint16_t* W, int64_t block_stride, int6
 template <bool kHalves>
 void gemm_halves(const uint16_t* W, int64_t blocks, int64_t block_stride, int64_t kb0,
                  int64_t kbn, const uint16_t* X, int64_t x_kb_stride, int64_t ldx,
-                 int64_t piece_stride, float* C, int64_t ldc, bool accumulate) {
+                 int64_t piece_stride, int pieces, float* C, int64_t ldc, bool accumulate) {
   int64_t m = 0;
   for (; m + 2 <= blocks; m += 2) {
     gemm_blocks<true, kHalves>(W + m * block_stride, block_stride, kb0, kbn, X, x_kb_stride, ldx,
-                               piece_stride, C + m * kTileRows, ldc, accumulate);
+                               piece_stride, pieces, C + m * kTileRows, ldc, accumulate);
   }
   if (m < blocks) {
     gemm_blocks<false, kHalves>(W + m * block_stride, block_stride, kb0, kbn, X, x_kb_stride,
-                                ldx, piece_stride, C + m * kTileRows, ldc, accumulate);
+                                ldx, piece_stride, pieces, C + m * kTileRows, ldc, accumulate);
   }
 }
 
@@ -189,10 +189,10 @@ PYSEQK_AMX_TARGET bool split_row(const float* src, int64_t n, uint16_t* dst,
 
 void gemm(const uint16_t* W, int64_t blocks, int64_t block_stride, int64_t kb0, int64_t kbn,
           const uint16_t* X, int64_t x_kb_stride, int64_t ldx, int64_t piece_stride, int halves,
-          float* C, int64_t ldc, bool accumulate) {
+          int pieces, float* C, int64_t ldc, bool accumulate) {
   (halves == 2 ? gemm_halves<true> : gemm_halves<false>)(W, blocks, block_stride, kb0, kbn, X,
-                                                          x_kb_stride, ldx, piece_stride, C, ldc,
-                                                          accumulate);
+                                                          x_kb_stride, ldx, piece_stride, pieces,
+                                                          C, ldc, accumulate);
 }
 
 TileConfig::TileConfig() { load_config(); }

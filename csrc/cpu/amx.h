@@ -63,11 +63,12 @@ bool split_row(const float* src, int64_t n, uint16_t* dst, int64_t kb_stride,
 
 // C[b, n] (+)= sum_k X[b, k] W[n, k] for b < 16 * halves (halves: 1 or 2) and the n of the
 // blocks of W given (block_stride elements apart, k-blocks [kb0, kb0 + kbn) of each), X's
-// k-blocks from its first (X's layout above), C rows ldc apart. The calling thread must hold the
-// tile configuration (TileConfig).
+// k-blocks from its first (X's layout above), C rows ldc apart; pieces: kPieces (fp32), or 1
+// (the products of the first pieces only: bf16 operands). The calling thread must hold the tile
+// configuration (TileConfig).
 void gemm(const uint16_t* W, int64_t blocks, int64_t block_stride, int64_t kb0, int64_t kbn,
           const uint16_t* X, int64_t x_kb_stride, int64_t ldx, int64_t piece_stride, int halves,
-          float* C, int64_t ldc, bool accumulate);
+          int pieces, float* C, int64_t ldc, bool accumulate);
 
 // Loads the tile configuration in the calling thread (all eight tiles 16 rows x 64 bytes) and
 // releases the tile state when it goes out of scope.

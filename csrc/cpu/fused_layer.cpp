@@ -54,9 +54,10 @@ using namespace fused;
 
 }  // namespace
 
-bool fused_layer_fits(int64_t B) {
+bool fused_layer_fits(int64_t B, bool bf16) {
   if (!kGemmFused || B > kLd || at::in_parallel_region()) return false;
-  return B >= (amx::enabled() ? kTilesMinBatch : kFusedMinBatch);
+  const bool tiles = amx::enabled();
+  return (tiles || !bf16) && B >= (tiles ? kTilesMinBatch : kFusedMinBatch);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -307,6 +308,8 @@ void run(const FusedLayer& f, int team) {
 void fused_layer_forward(const FusedLayer& f) {
   const int threads = std::max(1, at::get_num_threads());
   if (amx::enabled() && run_tiles(f, threads)) return;
+  // (A bf16 layer whose values did not split, inf or NaN, lands here too: fp32 products of its
+  // fp32 copies, h unrounded.)
   run(f, team_size(f.H, unit_chunk(f.H, threads)));
 }
 #else

@@ -159,6 +159,9 @@ bool run_tiles(const FusedLayer& f, int threads) {
   const bool lstm = f.kind == FusedLayer::kLstm, gru = f.kind == FusedLayer::kGru;
   const int64_t ws_cols = 4 * H;  // LSTM gates i, f, g, o; GRU r, z, n, hn
   const int halves = B > kTile ? 2 : 1;
+  // bf16 products: x and the weights are bf16 values (their pieces 1 and 2 are 0), h is taken
+  // rounded to bf16 (its piece 0) at each step.
+  const int pieces = f.bf16_products ? 1 : amx::kPieces;
   // Units per thread in whole k-blocks: a thread's columns of h's pieces are whole pair-order
   // blocks (amx.h), written by it alone.
   const int64_t chunk = unit_chunk(H, threads, amx::kTileK);
@@ -233,8 +236,8 @@ bool run_tiles(const FusedLayer& f, int threads) {
     auto gemm = [&](int64_t col, int64_t cols, bool hidden, const uint16_t* X, float* C,
                     bool accumulate) {
       amx::gemm(sl.tiles + col / kTile * stride, cols / kTile, stride, hidden ? kbi : 0,
-                hidden ? kbh : kbi, X, kbs, amx::kTileK, hidden ? hps : xps, halves, C, ldc,
-                accumulate);
+                hidden ? kbh : kbi, X, kbs, amx::kTileK, hidden ? hps : xps, halves, pieces, C,
+                ldc, accumulate);
     };
     auto input_part = [&](int64_t s) {
       if (U == 0 || valid_rows(time_of(s)) == 0) return;

@@ -218,7 +218,9 @@ struct FusedOut {
 };
 
 // The CPU's whole-layer forward (K::kFusedLayer; csrc/cpu/fused_layer.cpp), for fp32 layers
-// without projection in the batch sizes cpu::fused_layer_fits accepts: fills r and returns true,
+// without projection in the batch sizes cpu::fused_layer_fits accepts, and bfloat16 ones where it
+// takes them (the tile unit's bf16 products, on fp32 copies of the operands: FusedLayer::
+// bf16_products; the outputs are rounded to bf16 once, at the end): fills r and returns true,
 // or returns false having done nothing. c0: LSTM only.
 template <class K>
 bool fused_forward(cpu::FusedLayer::Kind kind, const at::Tensor& input, const at::Tensor& h0,
@@ -226,12 +228,14 @@ bool fused_forward(cpu::FusedLayer::Kind kind, const at::Tensor& input, const at
                    const OptT& b_ih, const OptT& b_hh, const LayerLengths& len, bool reverse,
                    bool workspace, FusedOut& r) {
   const int64_t T = input.size(0), B = input.size(1), H = w_hh.size(1);
-  if (!K::kFusedLayer || T == 0 || input.scalar_type() != at::kFloat ||
-      !cpu::fused_layer_fits(B)) {
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  if (!K::kFusedLayer || T == 0 || (input.scalar_type() != at::kFloat && !bf16) ||
+      !cpu::fused_layer_fits(B, bf16)) {
     return false;
   }
   const bool lstm = kind == cpu::FusedLayer::kLstm, gru = kind == cpu::FusedLayer::kGru;
-  auto opts = input.options();
+  auto opts = input.options().dtype(at::kFloat);
+  auto f32 = [](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
   const int64_t steps = workspace ? T : 0, first = reverse ? T : 0;
   r.out = at::empty({T, B, H}, opts);
   r.h_n = at::empty({B, H}, opts);
@@ -240,10 +244,11 @@ bool fused_forward(cpu::FusedLayer::Kind kind, const at::Tensor& input, const at
   r.ws = at::empty({lstm || gru ? steps : 0, B, 4 * H}, opts);
   if (workspace) r.hs[first].copy_(h0);
   if (workspace && lstm) r.cs[first].copy_(c0);
-  const at::Tensor h0c = h0.contiguous(), c0c = lstm ? c0.contiguous() : at::Tensor();
-  const at::Tensor x = input.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
-  const at::Tensor bi = has(b_ih) ? b_ih->contiguous() : at::Tensor();
-  const at::Tensor bh = has(b_hh) ? b_hh->contiguous() : at::Tensor();
+  const at::Tensor h0c = f32(h0).contiguous(), c0c = lstm ? f32(c0).contiguous() : at::Tensor();
+  const at::Tensor x = f32(input).contiguous(), wi = f32(w_ih).contiguous();
+  const at::Tensor wh = f32(w_hh).contiguous();
+  const at::Tensor bi = has(b_ih) ? f32(*b_ih).contiguous() : at::Tensor();
+  const at::Tensor bh = has(b_hh) ? f32(*b_hh).contiguous() : at::Tensor();
   if (lstm) r.c_n = at::empty({B, H}, opts);
   auto fp = [](const at::Tensor& t) {
     return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr;
@@ -269,7 +274,13 @@ bool fused_forward(cpu::FusedLayer::Kind kind, const at::Tensor& input, const at
   f.hs = fp(r.hs);
   f.cs = fp(r.cs);
   f.ws = fp(r.ws);
+  f.bf16_products = bf16;
   K::fused_forward(f);
+  if (bf16) {
+    for (at::Tensor* t : {&r.out, &r.h_n, &r.c_n, &r.ws, &r.hs, &r.cs}) {
+      if (t->defined()) *t = t->to(at::kBFloat16);
+    }
+  }
   return true;
 }
 

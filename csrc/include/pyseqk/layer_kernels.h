@@ -119,6 +119,10 @@ struct FusedLayer {
   float* hs = nullptr;                               // [T + 1, B, H]
   float* cs = nullptr;                               // [T + 1, B, H] (LSTM)
   float* ws = nullptr;                               // [T, B, 4H] (LSTM, GRU)
+  // A bfloat16 layer: x, h0, c0, the weights and biases are fp32 copies of bf16 tensors, and the
+  // GEMMs take bf16 products, h rounded to bf16 as the next step's operand; the states and the
+  // gate math stay fp32 (on the AMX tile unit only: fused_layer_fits).
+  bool bf16_products = false;
 };
 // The smallest batch it takes: below, the 32-lane register block computes mostly padding (B = 20,
 // T = 50, H = 256: the LSTM 5.8 ms against 5.4 in the loop of csrc/ops/layers.cpp; B = 8: 6.0
@@ -130,8 +134,9 @@ constexpr int64_t kFusedMinBatch = 24;
 // each step), RNN equal.
 constexpr int64_t kTilesMinBatch = 12;
 // Whether fused_layer_forward takes a batch of B rows here (an AVX-512 build, not inside a
-// parallel region); the dtype and the caller's other conditions are the caller's to check.
-bool fused_layer_fits(int64_t B);
+// parallel region; bf16: a bfloat16 layer, on the tile unit only); the caller's other conditions
+// are the caller's to check.
+bool fused_layer_fits(int64_t B, bool bf16);
 // T >= 1, B >= 1.
 void fused_layer_forward(const FusedLayer& f);
 }  // namespace cpu
