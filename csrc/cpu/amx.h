@@ -9,7 +9,7 @@
 // w x together (fp32's own rounding is 2^-24 per operation); the tile unit accumulates the
 // products in fp32. A TDPBF16PS is 16 x 16 x 32 multiply-adds in 16 cycles, 16 times a core's
 // AVX-512 FMA rate: six of them per fp32 product leave 2.7x; a step's GEMM measured 1.6-1.75x
-// of gemm.h's (bench/NOTES.md, "Layers: fp32 on the tile unit").
+// of gemm.h's (bench/NOTES.md, "Layers: fp32 on the AMX tile unit").
 //
 // Layouts (bf16 as uint16_t), k in "pair order" within each k-block of 32: the pair (j, 16 + j)
 // side by side, j < 16 (any order of k gives the same sums as long as X and W agree; this one

@@ -1,5 +1,8 @@
 // One fp32 layer's whole forward in one thread team, the input projection inside the time loop
-// (AVX-512 builds, batches of kFusedMinBatch..kGemmBatch rows, no LSTM projection).
+// (AVX-512 builds, batches of kFusedMinBatch..kGemmBatch rows, no LSTM projection). On a CPU
+// with the AMX tile unit, csrc/cpu/fused_layer_tiles.cpp runs instead (fused_layer_forward, at
+// the end), and this one only where a value does not split into bf16 pieces or with
+// PYSEQK_CPU_AMX=0.
 //
 // Why: at B = 32, H = I = 256 the layer is GEMM-bound (LSTM: 3.4 GFLOP, ~9 ms at the machine's
 // fp32 peak), and the split of layers.h, one projection GEMM over all steps then a loop of step
@@ -109,15 +112,7 @@ bool pack(const FusedLayer& f, int G, Slice& sl) {
         for (int64_t i = 0; i < rows; ++i) *block++ = src_hh[i][k];
     }
   }
-  for (int g = 0; g < G; ++g) {
-    for (int64_t u = 0; u < U; ++u) {
-      const int64_t r = g * H + sl.c0 + u;
-      // GRU: n's hidden bias stays apart (n = tanh(in + r (h W_hn^T + b_hn))): row G * U + u.
-      const bool hn = f.kind == FusedLayer::kGru && g == 2;
-      bias[g * U + u] = (f.b_ih ? f.b_ih[r] : 0.f) + (!hn && f.b_hh ? f.b_hh[r] : 0.f);
-      if (hn && f.b_hh) bias[G * U + u] = f.b_hh[r];
-    }
-  }
+  fill_bias(f, G, sl.c0, U, U, bias);  // the GRU's b_hn: row G * U + u
   return true;
 }
 
@@ -205,14 +200,6 @@ void run(const FusedLayer& f, int team) {
   TORCH_CHECK(hbuf, "pyseqk: could not allocate the fused layer's ", 2 * H * kLd * 4, " bytes");
   std::atomic<bool> out_of_memory{false};
   SpinBarrier barrier;
-  auto time_of = [&](int64_t s) { return f.reverse ? T - 1 - s : s; };
-  auto valid_lanes = [&](int64_t t) {
-    uint32_t m = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      if (!f.lengths || t < f.lengths[b]) m |= uint32_t(1) << b;
-    }
-    return m;
-  };
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -231,7 +218,7 @@ void run(const FusedLayer& f, int team) {
     }
     const int64_t U = sl.units;
     auto load_x = [&](int64_t s) {
-      transpose_f32(f.x + time_of(s) * B * I, I, xt, kLd, B, I);
+      transpose_f32(f.x + time_of(f, s) * B * I, I, xt, kLd, B, I);
     };
     if (U > 0) {
       transpose_f32(f.h0 + sl.c0, H, hbuf + sl.c0 * kLd, kLd, B, U);
@@ -241,7 +228,7 @@ void run(const FusedLayer& f, int team) {
     // Step s's input part of the gate sums (no other thread's results needed): for s = 0 here,
     // then each one while the other threads finish the step before.
     auto input_part = [&](int64_t s) {
-      if (U == 0 || valid_lanes(time_of(s)) == 0) return;
+      if (U == 0 || valid_rows(f, time_of(f, s)) == 0) return;
       if (gru) {
         gemm_panels(sl.w, 2 * U, K, 0, I, xt, kLd, sl.sums, kLd, false);
         gemm_panels(sl.w + 2 * U * K, U, K, 0, I, xt, kLd, sl.sums + 2 * U * kLd, kLd, false);
@@ -252,10 +239,10 @@ void run(const FusedLayer& f, int team) {
     input_part(0);
     barrier.wait(nt);
     for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = time_of(s), in = f.reverse ? t : t + 1;  // in: the state slot written
+      const int64_t t = time_of(f, s), in = f.reverse ? t : t + 1;  // in: the state slot written
       const float* cur = hbuf + (s & 1) * H * kLd;
       float* nxt = hbuf + ((s + 1) & 1) * H * kLd;
-      const uint32_t valid = valid_lanes(t);
+      const uint32_t valid = valid_rows(f, t);
       float* const sums = sl.sums;
       if (U > 0) {
         if (valid != 0) {  // the hidden part: GRU r, z onto the input part, n's apart

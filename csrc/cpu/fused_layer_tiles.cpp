@@ -81,15 +81,7 @@ bool pack(const FusedLayer& f, int G, Slice& sl, bool& split) {
       split &= amx::pack_tiles(wt + j * kTile, N, K, sl.tiles + j * stride + k_off);
     }
   }
-  for (int g = 0; g < G; ++g) {
-    for (int64_t u = 0; u < U; ++u) {
-      const int64_t r = g * H + sl.c0 + u;
-      // GRU: n's hidden bias stays apart (n = tanh(in + r (h W_hn^T + b_hn))).
-      const bool hn = f.kind == FusedLayer::kGru && g == 2;
-      sl.bias[g * P + u] = (f.b_ih ? f.b_ih[r] : 0.f) + (!hn && f.b_hh ? f.b_hh[r] : 0.f);
-      if (hn && f.b_hh) sl.bias[G * P + u] = f.b_hh[r];
-    }
-  }
+  fill_bias(f, G, sl.c0, U, P, sl.bias);
   return true;
 }
 
@@ -184,14 +176,6 @@ bool run_tiles(const FusedLayer& f, int threads) {
               (2 * hps + kXSlots * xps) * amx::kPieces * 2, " bytes");
   std::atomic<bool> out_of_memory{false}, unsplit{false};
   SpinBarrier barrier;
-  auto time_of = [&](int64_t s) { return f.reverse ? T - 1 - s : s; };
-  auto valid_rows = [&](int64_t t) {
-    uint32_t m = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      if (!f.lengths || t < f.lengths[b]) m |= uint32_t(1) << b;
-    }
-    return m;
-  };
   auto h_pieces = [&](int64_t slot) { return hpieces + slot * amx::kPieces * hps; };
   auto x_pieces = [&](int64_t s) { return xpieces + s % kXSlots * amx::kPieces * xps; };
 #pragma omp parallel num_threads(team)
@@ -216,7 +200,7 @@ bool run_tiles(const FusedLayer& f, int threads) {
     if (U > 0) tile_config.emplace();
     auto split_x = [&](int64_t s) {
       if (s >= T) return;
-      const float* x = f.x + time_of(s) * B * I;
+      const float* x = f.x + time_of(f, s) * B * I;
       for (int64_t b = xr0; b < xr1; ++b) {
         split &= amx::split_row(x + b * I, I, x_pieces(s) + b * amx::kTileK, kbs, xps);
       }
@@ -240,7 +224,7 @@ bool run_tiles(const FusedLayer& f, int threads) {
                 ldc, accumulate);
     };
     auto input_part = [&](int64_t s) {
-      if (U == 0 || valid_rows(time_of(s)) == 0) return;
+      if (U == 0 || valid_rows(f, time_of(f, s)) == 0) return;
       gemm(0, cut, false, x_pieces(s), sl.sums, false);
       if (n_cols > 0) gemm(cut, n_cols, false, x_pieces(s), sl.sums + cut, false);
     };
@@ -255,8 +239,8 @@ bool run_tiles(const FusedLayer& f, int threads) {
     barrier.wait(nt);
     input_part(0);
     for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = time_of(s), in = f.reverse ? t : t + 1;  // in: the state slot written
-      const uint32_t valid = valid_rows(t);
+      const int64_t t = time_of(f, s), in = f.reverse ? t : t + 1;  // in: the state slot written
+      const uint32_t valid = valid_rows(f, t);
       const bool keep = f.ws != nullptr;
       if (U > 0) {
         if (valid != 0) {  // the hidden part: GRU r, z onto the input part, n's apart

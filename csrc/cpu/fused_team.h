@@ -29,6 +29,32 @@ inline int64_t unit_chunk(int64_t H, int threads, int64_t multiple = 16) {
 }
 inline int team_size(int64_t H, int64_t chunk) { return static_cast<int>((H + chunk - 1) / chunk); }
 
+// The time index of loop step s.
+inline int64_t time_of(const FusedLayer& f, int64_t s) { return f.reverse ? f.T - 1 - s : s; }
+
+// Bit b set for the batch rows valid at time t.
+inline uint32_t valid_rows(const FusedLayer& f, int64_t t) {
+  uint32_t m = 0;
+  for (int64_t b = 0; b < f.B; ++b) {
+    if (!f.lengths || t < f.lengths[b]) m |= uint32_t(1) << b;
+  }
+  return m;
+}
+
+// The bias of units [c0, c0 + U) per gate, pitch apart (b_ih + b_hh; the GRU's n keeps b_hn
+// apart, n = tanh(in + r (h W_hn^T + b_hn)), after the G gates).
+inline void fill_bias(const FusedLayer& f, int G, int64_t c0, int64_t U, int64_t pitch,
+                      float* bias) {
+  for (int g = 0; g < G; ++g) {
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t r = g * f.H + c0 + u;
+      const bool hn = f.kind == FusedLayer::kGru && g == 2;
+      bias[g * pitch + u] = (f.b_ih ? f.b_ih[r] : 0.f) + (!hn && f.b_hh ? f.b_hh[r] : 0.f);
+      if (hn && f.b_hh) bias[G * pitch + u] = f.b_hh[r];
+    }
+  }
+}
+
 // Scratch of the calling thread, kept across calls for each use (the OpenMP team's threads
 // persist): a fresh allocation of the 1 MB weight slice each call is an mmap whose first touch
 // page-faults; zeroed when asked. Slots past kKeptScratchBytes are freed after the call

@@ -6,7 +6,8 @@
 // then a time loop, each step one GEMM h_{t-1} W_hh^T accumulated onto that step's projection,
 // and one fused kernel over the batch. Nothing is allocated inside the loop. (The CPU's fp32
 // forward at 24-32 batch rows instead runs csrc/cpu/fused_layer.cpp, the projection inside the
-// loop: fused_forward below.) The backward runs the loop in reverse (fused gate backward, then
+// loop, and on a CPU with AMX the fp32 and bf16 forward at 12-32 rows csrc/cpu/
+// fused_layer_tiles.cpp: fused_forward below.) The backward runs the loop in reverse (fused gate backward, then
 // dh_{t-1} = dgates W_hh) and computes the weight gradients as single GEMMs over all T*B rows at
 // the end.
 //
