@@ -35,8 +35,9 @@ CONFIGS = {
     "H97": (2, 2, 5, 97, [2, 1], False, True),
     "empty_batch": (3, 0, 4, 7, None, False, True),
     "T0": (0, 2, 4, 7, [0, 0], False, True),
-    # fp32, B <= 2 and a step weight of 2^15+ elements: the CPU forward loop runs in a thread team
-    # (csrc/ops/layers.cpp, time_loop), hidden units split between threads (lstm_proj: columns).
+    # fp32, B <= 2 and a step weight of 2^15+ elements: the forward runs in a thread team, hidden
+    # units split between threads (csrc/cpu/fused_small.cpp on AVX-512 builds; lstm_proj, and
+    # every kind elsewhere: time_loop of csrc/ops/layers.cpp, lstm_proj's split by columns).
     "team_B2": (3, 2, 8, 192, [3, 1], True, True),
     "team_B1": (4, 1, 8, 192, None, False, True),
     # 185 units: the second thread's 89 end in a 9-lane partial vector (masked loads and stores
@@ -60,6 +61,14 @@ CONFIGS = {
     # fused_layer_tiles.cpp, one 16-row tile at B = 13): 70 units split 64 + 6, unsorted lengths
     # with zeros, reversed. Elsewhere the loop of csrc/ops/layers.cpp.
     "tiles_B13": (3, 13, 33, 70, [(4 * b) % 4 for b in range(13)], True, True),
+    # fp32, B <= 2 on an AVX-512 build: csrc/cpu/fused_small.cpp (GEMVs in one team, the input
+    # projection in chunks of 32 / B steps). 70 steps at B = 1: two whole chunks and a short one
+    # of 6 steps (input parts a step at a time), a length of 53, reversed (17 padded steps
+    # first); 100 units: a team of 64 + 36 for the LSTM, one thread for the GRU and RNN; an
+    # input width of 21 (masked tails). 37 steps at B = 2: chunks of 16, 16 and 5, the second
+    # row ending at 23 inside a chunk; 150 units: 80 + 70.
+    "small_B1": (70, 1, 21, 100, [53], True, True),
+    "small_B2": (37, 2, 19, 150, [37, 23], False, True),
 }
 # The Triton interpreter runs every op of every step in Python (~1 s per small layer call):
 # the same cases, smaller.
@@ -78,7 +87,8 @@ TRITON_CONFIGS = {
 LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1", "team_H185",
                          "fused_B30", "tiles_B13"]
 # Paths that only fp32 takes, run in fp32 besides fp64.
-FP32_CONFIGS = ["team_B27", "team_B32", "fused_B24", "fused_B30", "fused_wide", "tiles_B13"]
+FP32_CONFIGS = ["team_B27", "team_B32", "fused_B24", "fused_B30", "fused_wide", "tiles_B13",
+                "small_B1", "small_B2"]
 TRITON_LOW_PRECISION_CONFIGS = ["unsorted_zero_rev"]
 
 
@@ -202,15 +212,18 @@ def fused_args(kind, bias, B=26, I=21, H=37, T=4):
     return args
 
 
+@pytest.mark.parametrize("B", [26, 2])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("bias", ["both", "ih", "hh", "none"])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-def test_fused_layer_biases_and_threads(kind, bias, threads):
-    """The fused forward folds the biases into its own per-row vector (the GRU keeps b_hn apart):
-    each bias alone, with one thread (a team of one), two and three (more than the cores); forward
-    and gradients (its workspace feeds the backward) against the float64 reference."""
-    args = fused_args(kind, bias)
-    lens = torch.tensor([(3 * b) % 5 for b in range(26)])
+def test_fused_layer_biases_and_threads(kind, bias, threads, B):
+    """The fused forwards (B = 26: csrc/cpu/fused_layer.cpp; B = 2: csrc/cpu/fused_small.cpp,
+    185 units, with three threads 64 + 64 + 57) fold the biases into their own per-row vector
+    (the GRU keeps b_hn apart): each bias alone, with one thread (a team of one), two and three
+    (more than the cores); forward and gradients (the workspace feeds the backward) against the
+    float64 reference."""
+    args = fused_args(kind, bias, B=B, H=37 if B == 26 else 185)
+    lens = torch.tensor([(3 * b) % 5 for b in range(B)])
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -221,7 +234,7 @@ def test_fused_layer_biases_and_threads(kind, bias, threads):
     ref_outs, ref_grads = run_with_grads(layer_fn(kind, R), double(args), lengths=lens,
                                          reverse=True)
     t_outs, t_grads = run_with_grads(layer_fn(kind, R), args, lengths=lens, reverse=True)
-    what = f"{kind}[fused, bias {bias}, {threads} threads]"
+    what = f"{kind}[fused, B {B}, bias {bias}, {threads} threads]"
     for k, (o, t, r) in enumerate(zip(outs, t_outs, ref_outs)):
         assert_close_rule(o, t, r, torch.float32, f"{what} output {k}")
     for k, (gr, t, r) in enumerate(zip(grads, t_grads, ref_grads)):

@@ -59,6 +59,7 @@ using namespace fused;
 
 bool fused_layer_fits(int64_t B, bool bf16) {
   if (!kGemmFused || B > kLd || at::in_parallel_region()) return false;
+  if (!bf16 && B >= 1 && B <= kFusedSmallBatch) return true;
   const bool tiles = amx::enabled();
   return (tiles || !bf16) && B >= (tiles ? kTilesMinBatch : kFusedMinBatch);
 }
@@ -294,6 +295,7 @@ void run(const FusedLayer& f, int team) {
 
 void fused_layer_forward(const FusedLayer& f) {
   const int threads = std::max(1, at::get_num_threads());
+  if (f.B <= kFusedSmallBatch && !f.bf16_products) return run_small(f, threads);
   if (amx::enabled() && run_tiles(f, threads)) return;
   // (A bf16 layer whose values did not split, inf or NaN, lands here too: fp32 products of its
   // fp32 copies, h unrounded.)

@@ -61,7 +61,7 @@ inline void fill_bias(const FusedLayer& f, int G, int64_t c0, int64_t U, int64_t
 // (release_large_scratch): a weight slice of H = 1024 is 16 MB per thread. The shared uses are
 // the calling thread's buffers that the whole team reads.
 enum ScratchUse {
-  kWeights, kWeightsT, kBias, kSums, kCell, kState, kInput,  // each thread's own
+  kWeights, kWeightsT, kBias, kSums, kCell, kState, kInput, kInputRow,  // each thread's own
   kShared, kSharedPieces, kInputPieces,                      // shared
   kScratchUses
 };
@@ -107,6 +107,10 @@ inline float* scratch(ScratchUse use, int64_t n, bool zero) {
 // NaN, beyond bf16's range: amx.h), and the outputs are not to be used: the caller runs the FMA
 // forward instead.
 bool run_tiles(const FusedLayer& f, int threads);
+
+// The forward at B <= kFusedSmallBatch (csrc/cpu/fused_small.cpp; AVX-512 builds), in a team of
+// up to `threads`.
+void run_small(const FusedLayer& f, int threads);
 
 // n bf16 (as uint16_t) in a float slot.
 inline uint16_t* scratch_bf16(ScratchUse use, int64_t n, bool zero) {

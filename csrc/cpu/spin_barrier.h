@@ -1,7 +1,7 @@
 // The barrier of the layers' thread teams (csrc/ops/layers.cpp, csrc/cpu/fused_layer.cpp), in
 // place of libgomp's `omp barrier` (T = 200, B = 1, H = 128 LSTM: the loop 427 -> 395 us, 0.16 us
 // a step). Sense-reversing on a generation counter; a waiter spins with pause, then yields (an
-// oversubscribed machine).
+// oversubscribed machine): spin_until, which the step flags of csrc/cpu/fused_small.cpp use too.
 #pragma once
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -13,6 +13,23 @@
 
 namespace pyseqk {
 namespace cpu {
+
+// Returns once done() is true: pause while spinning, then yield to the OS.
+template <class Done>
+inline void spin_until(const Done& done) {
+  constexpr int kSpins = 2000;
+  for (int spins = 0; !done(); ++spins) {
+    if (spins < kSpins) {
+#if defined(__x86_64__) || defined(__i386__)
+      _mm_pause();
+#else
+      std::this_thread::yield();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
 
 class SpinBarrier {
  public:
@@ -30,24 +47,10 @@ class SpinBarrier {
     return gen;
   }
   void await(unsigned gen) {
-    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins < kSpins) {
-        pause();
-      } else {
-        std::this_thread::yield();
-      }
-    }
+    spin_until([&] { return gen_.load(std::memory_order_acquire) != gen; });
   }
 
  private:
-  static constexpr int kSpins = 2000;
-  static void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
   alignas(64) std::atomic<int> count_{0};
   alignas(64) std::atomic<unsigned> gen_{0};
 };

@@ -142,7 +142,8 @@ struct CpuLayerKernels {
   // Measured at T=200 B=1 H=128, 2 threads (bench/NOTES.md): LSTM 0.85 -> 0.69 ms, GRU 0.69 ->
   // 0.55; the RNN's 128 x 128 GEMV (16k multiply-adds) got slower, so weights smaller than
   // kTeamMinWeight keep the serial loop. Above two rows the team was tried with MKL's packed
-  // GEMM on per-thread slices and gained nothing.
+  // GEMM on per-thread slices and gained nothing. (On AVX-512 builds fp32 layers without
+  // projection at B <= 2 run csrc/cpu/fused_small.cpp instead: fused_forward in layers.h.)
   template <class GemmOf, class Point>
   static void time_loop(const Weight& w, int64_t T, int64_t B, int64_t H, int G,
                         const GemmOf& gemm_of, const Point& point) {

@@ -133,6 +133,9 @@ constexpr int64_t kFusedMinBatch = 24;
 // 1.18 / 1.58; B = 8: LSTM 3.89 against 3.39 (its 1.5 MB of weight pieces per thread stream
 // each step), RNN equal.
 constexpr int64_t kTilesMinBatch = 12;
+// At most this many rows (fp32): csrc/cpu/fused_small.cpp, GEMVs in one team with the input
+// projection computed by each thread for its own units while the others finish a step.
+constexpr int64_t kFusedSmallBatch = 2;
 // Whether fused_layer_forward takes a batch of B rows here (an AVX-512 build, not inside a
 // parallel region; bf16: a bfloat16 layer, on the tile unit only); the caller's other conditions
 // are the caller's to check.
