@@ -55,12 +55,16 @@ CONFIGS = {
     # lengths with zeros, reversed, 30 rows; then a weight slice past the core's L2
     # (4 * 208 units * (400 + 400) fp32 per thread: 2.7 MB, dropped after the call).
     "fused_B24": (3, 24, 33, 70, None, False, False),
-    "fused_B30": (4, 30, 16, 50, [(5 * b) % 5 for b in range(30)], True, True),
+    "fused_B30": (4, 30, 16, 50, [(3 * b) % 5 for b in range(30)], True, True),
     "fused_wide": (2, 24, 400, 400, None, False, True),
+    # Odd widths (45 units, 33 inputs): bfloat16 layers on a CPU with AVX512_BF16 and no tile
+    # unit take the fused forward's bf16 pairs (csrc/cpu/gemm_bf16.h), the last pair of each
+    # zero-padded.
+    "fused_odd": (3, 28, 33, 45, [(3 * b) % 4 for b in range(28)], False, True),
     # On a CPU with the AMX tile unit, batches of 12-23 rows take it too (csrc/cpu/
     # fused_layer_tiles.cpp, one 16-row tile at B = 13): 70 units split 64 + 6, unsorted lengths
     # with zeros, reversed. Elsewhere the loop of csrc/ops/layers.cpp.
-    "tiles_B13": (3, 13, 33, 70, [(4 * b) % 4 for b in range(13)], True, True),
+    "tiles_B13": (3, 13, 33, 70, [(3 * b) % 4 for b in range(13)], True, True),
     # fp32, B <= 2 on an AVX-512 build: csrc/cpu/fused_small.cpp (GEMVs in one team, the input
     # projection in chunks of 32 / B steps). 70 steps at B = 1: two whole chunks and a short one
     # of 6 steps (input parts a step at a time), a length of 53, reversed (17 padded steps
@@ -83,12 +87,13 @@ TRITON_CONFIGS = {
     "T0": (0, 2, 3, 5, [0, 0], False, True),
 }
 # fused_B30 and tiles_B13: on a CPU with the AMX tile unit, bfloat16 layers take its bf16
-# products there (csrc/cpu/fused_layer_tiles.cpp).
+# products there (csrc/cpu/fused_layer_tiles.cpp); fused_B30 and fused_odd: on one with
+# AVX512_BF16 and no tile unit, the FMA forward's bf16 pairs (csrc/cpu/gemm_bf16.h).
 LOW_PRECISION_CONFIGS = ["plain", "unsorted_zero_rev", "H97", "team_B2", "team_B1", "team_H185",
-                         "fused_B30", "tiles_B13"]
+                         "fused_B30", "tiles_B13", "fused_odd"]
 # Paths that only fp32 takes, run in fp32 besides fp64.
 FP32_CONFIGS = ["team_B27", "team_B32", "fused_B24", "fused_B30", "fused_wide", "tiles_B13",
-                "small_B1", "small_B2"]
+                "small_B1", "small_B2", "fused_odd"]
 TRITON_LOW_PRECISION_CONFIGS = ["unsorted_zero_rev"]
 
 

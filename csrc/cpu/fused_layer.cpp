@@ -2,7 +2,10 @@
 // (AVX-512 builds, batches of kFusedMinBatch..kGemmBatch rows, no LSTM projection). On a CPU
 // with the AMX tile unit, csrc/cpu/fused_layer_tiles.cpp runs instead (fused_layer_forward, at
 // the end), and this one only where a value does not split into bf16 pieces or with
-// PYSEQK_CPU_AMX=0.
+// PYSEQK_CPU_AMX=0. bfloat16 layers run here too on a CPU with AVX512_BF16 and no tile unit:
+// the same loop on bf16 pairs (csrc/cpu/gemm_bf16.h, VDPBF16PS: twice the multiply-adds of an
+// FMA per instruction), LSTM bf16 0.58x -> 0.96x of torch's oneDNN, GRU 1.33x -> 2.00x on the
+// AVX-512 EPYC (bench/NOTES.md). Batches of one or two rows: csrc/cpu/fused_small.cpp.
 //
 // Why: at B = 32, H = I = 256 the layer is GEMM-bound (LSTM: 3.4 GFLOP, ~9 ms at the machine's
 // fp32 peak), and the split of layers.h, one projection GEMM over all steps then a loop of step
@@ -41,6 +44,7 @@
 #include "cpu/amx.h"
 #include "cpu/fused_team.h"
 #include "cpu/gemm.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/spin_barrier.h"
 #include "cpu/vec_io.h"
 #include "pyseqk/cell_kernels.h"
@@ -61,7 +65,7 @@ bool fused_layer_fits(int64_t B, bool bf16) {
   if (!kGemmFused || B > kLd || at::in_parallel_region()) return false;
   if (!bf16 && B >= 1 && B <= kFusedSmallBatch) return true;
   const bool tiles = amx::enabled();
-  return (tiles || !bf16) && B >= (tiles ? kTilesMinBatch : kFusedMinBatch);
+  return (tiles || !bf16 || has_avx512_bf16()) && B >= (tiles ? kTilesMinBatch : kFusedMinBatch);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -78,15 +82,17 @@ inline __mmask16 lane_mask(uint32_t valid, int v) {
 struct Slice {
   int64_t c0 = 0, c1 = 0, units = 0;
   float* w = nullptr;     // [G * units, I + H], rows gate-major, [w_ih row | w_hh row], in
-                          // gemm.h's panels (per GEMM segment: see pack)
+                          // gemm.h's panels (per GEMM segment: see pack); bf16 products: the
+                          // same of bf16 pairs, [G * units, (I + 1) / 2 + (H + 1) / 2] (gemm_bf16.h)
   float* bias = nullptr;  // [G * units (+ units: GRU b_hn)]
   float* sums = nullptr;  // [(G + 1) * units, kLd]: the gate sums, then in place what goes to ws
   float* c = nullptr;     // [units, kLd]: the LSTM cell state, transposed
 };
 
-// false: a scratch allocation failed (nothing packed).
-bool pack(const FusedLayer& f, int G, Slice& sl) {
+// false: a scratch allocation failed (nothing packed). pairs: bf16 pairs (gemm_bf16.h).
+bool pack(const FusedLayer& f, int G, Slice& sl, bool pairs) {
   const int64_t I = f.I, H = f.H, K = I + H, U = sl.units;
+  const int64_t I2 = (I + 1) / 2, K2 = I2 + (H + 1) / 2;
   sl.w = scratch(kWeights, G * U * K, false);
   sl.bias = scratch(kBias, (G + 1) * U, true);
   sl.sums = scratch(kSums, (G + 1) * U * kLd, true);
@@ -105,6 +111,16 @@ bool pack(const FusedLayer& f, int G, Slice& sl) {
         const int64_t g = (b0 + i) / U, r = g * H + sl.c0 + (b0 + i) % U;  // the module's row
         src_ih[i] = f.w_ih + r * I;
         src_hh[i] = f.w_hh + r * H;
+      }
+      if (pairs) {
+#if defined(CPU_CAPABILITY_AVX512)
+        uint32_t* block = reinterpret_cast<uint32_t*>(sl.w) + b0 * K2;
+        for (int64_t p = 0; p < I2; ++p)
+          for (int64_t i = 0; i < rows; ++i) *block++ = bf16_pair(src_ih[i], 2 * p, I);
+        for (int64_t p = 0; p < K2 - I2; ++p)
+          for (int64_t i = 0; i < rows; ++i) *block++ = bf16_pair(src_hh[i], 2 * p, H);
+#endif
+        continue;
       }
       float* block = sl.w + b0 * K;  // written in order: k-major, a row's floats i apart
       for (int64_t k = 0; k < I; ++k)
@@ -195,6 +211,12 @@ void run(const FusedLayer& f, int team) {
   const int G = gate_count(f.kind);
   const bool lstm = f.kind == FusedLayer::kLstm, gru = f.kind == FusedLayer::kGru;
   const int64_t ws_cols = 4 * H;  // LSTM gates i, f, g, o; GRU r, z, n, hn
+  // A bfloat16 layer's bf16 products: its GEMMs on bf16 pairs (gemm_bf16.h), x_t^T and h_{t-1}^T
+  // rounded into pairs once a step by each thread (h_{t-1} rounded to bf16 as the operand, as
+  // the tile unit's path does; the state stays fp32). (Without AVX512_BF16 it is not here:
+  // fused_layer_fits; the tile path's fallback for values that do not split lands here too.)
+  const bool pairs = f.bf16_products && has_avx512_bf16();
+  const int64_t I2 = (I + 1) / 2, H2 = (H + 1) / 2, K2 = I2 + H2;
   // h_{t-1}^T of even and odd steps, shared (each thread writes its units' rows); padding lanes
   // stay 0.
   float* const hbuf = scratch(kShared, 2 * H * kLd, true);
@@ -212,7 +234,10 @@ void run(const FusedLayer& f, int team) {
     // x_t^T, this thread's own: read from the input by each thread (shared halves cost each
     // reader ~16 KB a step in cross-core transfers).
     float* const xt = scratch(kInput, I * kLd, true);
-    if (sl.units > 0 && (!xt || !pack(f, G, sl))) {
+    // Their bf16 pairs (bf16 products), this thread's own.
+    auto* const xp = pairs ? reinterpret_cast<uint32_t*>(scratch(kInputRow, I2 * kLd, true)) : nullptr;
+    auto* const hp = pairs ? reinterpret_cast<uint32_t*>(scratch(kState, H2 * kLd, true)) : nullptr;
+    if (sl.units > 0 && (!xt || (pairs && (!xp || !hp)) || !pack(f, G, sl, pairs))) {
       // Out of memory: this thread only keeps the barriers' count; run throws after the region.
       out_of_memory.store(true);
       sl.units = 0;
@@ -220,6 +245,18 @@ void run(const FusedLayer& f, int team) {
     const int64_t U = sl.units;
     auto load_x = [&](int64_t s) {
       transpose_f32(f.x + time_of(f, s) * B * I, I, xt, kLd, B, I);
+      if (pairs) to_pairs(xt, I, kLd, xp);
+    };
+    // Rows [m0, m0 + M) of the slice's sums (C, kLd apart) (+)= their input part (hidden:
+    // false) or hidden part (h^T: h_{t-1}, transposed).
+    auto gemm = [&](int64_t m0, int64_t M, bool hidden, const float* h, float* C, bool acc) {
+      if (pairs) {
+        gemm_panels_bf16(reinterpret_cast<const uint32_t*>(sl.w) + m0 * K2, M, K2,
+                         hidden ? I2 : 0, hidden ? H2 : I2, hidden ? hp : xp, kLd, C, kLd, acc);
+      } else {
+        gemm_panels(sl.w + m0 * K, M, K, hidden ? I : 0, hidden ? H : I, hidden ? h : xt, kLd, C,
+                    kLd, acc);
+      }
     };
     if (U > 0) {
       transpose_f32(f.h0 + sl.c0, H, hbuf + sl.c0 * kLd, kLd, B, U);
@@ -231,10 +268,10 @@ void run(const FusedLayer& f, int team) {
     auto input_part = [&](int64_t s) {
       if (U == 0 || valid_rows(f, time_of(f, s)) == 0) return;
       if (gru) {
-        gemm_panels(sl.w, 2 * U, K, 0, I, xt, kLd, sl.sums, kLd, false);
-        gemm_panels(sl.w + 2 * U * K, U, K, 0, I, xt, kLd, sl.sums + 2 * U * kLd, kLd, false);
+        gemm(0, 2 * U, false, nullptr, sl.sums, false);
+        gemm(2 * U, U, false, nullptr, sl.sums + 2 * U * kLd, false);
       } else {
-        gemm_panels(sl.w, G * U, K, 0, I, xt, kLd, sl.sums, kLd, false);
+        gemm(0, G * U, false, nullptr, sl.sums, false);
       }
     };
     input_part(0);
@@ -247,11 +284,13 @@ void run(const FusedLayer& f, int team) {
       float* const sums = sl.sums;
       if (U > 0) {
         if (valid != 0) {  // the hidden part: GRU r, z onto the input part, n's apart
-          prefetch_others(cur, H, sl);
-          gemm_panels(sl.w, (gru ? 2 : G) * U, K, I, H, cur, kLd, sums, kLd, true);
-          if (gru) {
-            gemm_panels(sl.w + 2 * U * K, U, K, I, H, cur, kLd, sums + 3 * U * kLd, kLd, false);
+          if (pairs) {
+            to_pairs(cur, H, kLd, hp);
+          } else {
+            prefetch_others(cur, H, sl);
           }
+          gemm(0, (gru ? 2 : G) * U, true, cur, sums, true);
+          if (gru) gemm(2 * U, U, true, cur, sums + 3 * U * kLd, false);
         }
         step_math(f.kind, sl, cur, nxt, valid, f.ws != nullptr);
       }

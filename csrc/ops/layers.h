@@ -220,7 +220,7 @@ struct FusedOut {
 
 // The CPU's whole-layer forward (K::kFusedLayer; csrc/cpu/fused_layer.cpp), for fp32 layers
 // without projection in the batch sizes cpu::fused_layer_fits accepts, and bfloat16 ones where it
-// takes them (the tile unit's bf16 products, on fp32 copies of the operands: FusedLayer::
+// takes them (bf16 products, on the tile unit or with AVX512_BF16, on fp32 copies of the operands: FusedLayer::
 // bf16_products; the outputs are rounded to bf16 once, at the end): fills r and returns true,
 // or returns false having done nothing. c0: LSTM only.
 template <class K>
