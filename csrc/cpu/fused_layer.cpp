@@ -152,30 +152,11 @@ void step_math(Slice& sl, const float* cur, float* nxt, uint32_t valid, bool kee
       auto save = [&](int g, V x) {
         if (keep) _mm512_storeu_ps(row(g * U + u, v), _mm512_maskz_mov_ps(m, x));
       };
-      V h;
-      if constexpr (kKind == FusedLayer::kLstm) {
-        const auto a = math::lstm_activate(pre(0), pre(1), pre(2), pre(3));
-        float* cp = sl.c + u * kLd + v * kL;
-        const V c_prev = V::loadu(cp);
-        V c;
-        math::lstm_state(a, c_prev, c, h);
-        _mm512_storeu_ps(cp, _mm512_mask_blend_ps(m, c_prev, c));
-        save(0, a.i);
-        save(1, a.f);
-        save(2, a.g);
-        save(3, a.o);
-      } else if constexpr (kKind == FusedLayer::kGru) {
-        const V hn = V::loadu(row(3 * U + u, v)) + V(bias[3 * U + u]);
-        const V zero(0.f);
-        const auto a = math::gru_activate(pre(0), pre(1), pre(2), zero, zero, hn);
-        h = math::gru_state(a, h_prev);
-        save(0, a.r);
-        save(1, a.z);
-        save(2, a.n);
-        save(3, a.hn);
-      } else {
-        h = math::rnn_activate<V, kKind == FusedLayer::kRnnRelu>(pre(0));
-      }
+      float* cp = kKind == FusedLayer::kLstm ? sl.c + u * kLd + v * kL : nullptr;
+      const V c_prev = cp ? V::loadu(cp) : V(0.f);
+      V c = c_prev;
+      const V h = gate_math<kKind>(pre, save, h_prev, c);  // GRU: pre(3) = hn
+      if (cp) _mm512_storeu_ps(cp, _mm512_mask_blend_ps(m, c_prev, c));
       _mm512_storeu_ps(hp, _mm512_mask_blend_ps(m, h_prev, h));
     }
   }

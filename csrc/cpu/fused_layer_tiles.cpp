@@ -99,28 +99,10 @@ void row_math(Slice& sl, int64_t b, bool keep) {
       if (keep) x.store(sums + g * P + u);
     };
     float* const hp = sl.h + b * P + u;
-    V h;
-    if constexpr (kKind == FusedLayer::kLstm) {
-      const auto a = math::lstm_activate(pre(0), pre(1), pre(2), pre(3));
-      float* const cp = sl.c + b * P + u;
-      V c;
-      math::lstm_state(a, V::loadu(cp), c, h);
-      c.store(cp);
-      save(0, a.i);
-      save(1, a.f);
-      save(2, a.g);
-      save(3, a.o);
-    } else if constexpr (kKind == FusedLayer::kGru) {
-      const V zero(0.f);
-      const auto a = math::gru_activate(pre(0), pre(1), pre(2), zero, zero, pre(3));
-      h = math::gru_state(a, V::loadu(hp));
-      save(0, a.r);
-      save(1, a.z);
-      save(2, a.n);
-      save(3, a.hn);
-    } else {
-      h = math::rnn_activate<V, kKind == FusedLayer::kRnnRelu>(pre(0));
-    }
+    float* const cp = kKind == FusedLayer::kLstm ? sl.c + b * P + u : nullptr;
+    V c = cp ? V::loadu(cp) : V(0.f);
+    const V h = gate_math<kKind>(pre, save, kKind == FusedLayer::kGru ? V::loadu(hp) : V(0.f), c);
+    if (cp) c.store(cp);
     h.store(hp);
   }
 }

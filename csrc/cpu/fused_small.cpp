@@ -180,28 +180,14 @@ void step_math(const FusedLayer& f, Slice& sl, int64_t s, int64_t chunk_steps,
         auto h_part = [&](int g) {
           return V(_mm512_maskz_loadu_ps(mk, sl.hsum + b * G * U + g * U + u0));
         };
-        auto pre = [&](int g) { return x_part(g) + h_part(g) + bias(g * U + u0); };
-        if constexpr (kKind == FusedLayer::kLstm) {
-          const auto a = math::lstm_activate(pre(0), pre(1), pre(2), pre(3));
-          math::lstm_state(a, c_prev, c, h);
-          save(0, a.i);
-          save(1, a.f);
-          save(2, a.g);
-          save(3, a.o);
-        } else if constexpr (kKind == FusedLayer::kGru) {
-          const V zero(0.f);
-          const V hn = h_part(2) + bias(G * U + u0);
-          const auto a = math::gru_activate(x_part(0) + h_part(0) + bias(u0),
-                                            x_part(1) + h_part(1) + bias(U + u0),
-                                            x_part(2) + bias(2 * U + u0), zero, zero, hn);
-          h = math::gru_state(a, h_prev);
-          save(0, a.r);
-          save(1, a.z);
-          save(2, a.n);
-          save(3, a.hn);
-        } else {
-          h = math::rnn_activate<V, kKind == FusedLayer::kRnnRelu>(pre(0));
-        }
+        // The GRU's n: its input part, then its hidden part hn (b_hn: row G * U).
+        const bool gru = kKind == FusedLayer::kGru;
+        auto pre = [&](int g) {
+          if (gru && g == 2) return x_part(2) + bias(2 * U + u0);
+          if (gru && g == 3) return h_part(2) + bias(G * U + u0);
+          return x_part(g) + h_part(g) + bias(g * U + u0);
+        };
+        h = gate_math<kKind>(pre, save, h_prev, c);
       } else {
         for (int g = 0; g < 4 && (kKind == FusedLayer::kLstm || kKind == FusedLayer::kGru); ++g) {
           save(g, V(0.f));

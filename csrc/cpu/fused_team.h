@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 
+#include "pyseqk/cell_math.h"
 #include "pyseqk/layer_kernels.h"
 
 namespace pyseqk {
@@ -52,6 +53,35 @@ inline void fill_bias(const FusedLayer& f, int G, int64_t c0, int64_t U, int64_t
       bias[g * pitch + u] = (f.b_ih ? f.b_ih[r] : 0.f) + (!hn && f.b_hh ? f.b_hh[r] : 0.f);
       if (hn && f.b_hh) bias[G * pitch + u] = f.b_hh[r];
     }
+  }
+}
+
+// The gate math of one vector (of units or of batch rows) in the three forwards: pre(g), gate g's
+// sums with their bias (GRU: pre(2) n's input part, pre(3) its hidden part hn), save(g, x) the
+// workspace's gate g (LSTM i, f, g, o; GRU r, z, n, hn); c: the LSTM's cell state, c_{t-1} in,
+// c_t out. Returns h_t. (V's math::Act: csrc/cpu/vec_io.h.)
+template <FusedLayer::Kind kKind, class V, class Pre, class Save>
+inline V gate_math(const Pre& pre, const Save& save, const V& h_prev, V& c) {
+  if constexpr (kKind == FusedLayer::kLstm) {
+    const auto a = math::lstm_activate(pre(0), pre(1), pre(2), pre(3));
+    V h, c_t;
+    math::lstm_state(a, c, c_t, h);
+    c = c_t;
+    save(0, a.i);
+    save(1, a.f);
+    save(2, a.g);
+    save(3, a.o);
+    return h;
+  } else if constexpr (kKind == FusedLayer::kGru) {
+    const V zero(0.f);
+    const auto a = math::gru_activate(pre(0), pre(1), pre(2), zero, zero, pre(3));
+    save(0, a.r);
+    save(1, a.z);
+    save(2, a.n);
+    save(3, a.hn);
+    return math::gru_state(a, h_prev);
+  } else {
+    return math::rnn_activate<V, kKind == FusedLayer::kRnnRelu>(pre(0));
   }
 }
 
