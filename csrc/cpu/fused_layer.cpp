@@ -83,7 +83,8 @@ struct Slice {
   int64_t c0 = 0, c1 = 0, units = 0;
   float* w = nullptr;     // [G * units, I + H], rows gate-major, [w_ih row | w_hh row], in
                           // gemm.h's panels (per GEMM segment: see pack); bf16 products: the
-                          // same of bf16 pairs, [G * units, (I + 1) / 2 + (H + 1) / 2] (gemm_bf16.h)
+                          // same of bf16 pairs, [G * units, (I + 1) / 2 + (H + 1) / 2]
+                          // (gemm_bf16.h)
   float* bias = nullptr;  // [G * units (+ units: GRU b_hn)]
   float* sums = nullptr;  // [(G + 1) * units, kLd]: the gate sums, then in place what goes to ws
   float* c = nullptr;     // [units, kLd]: the LSTM cell state, transposed
@@ -216,8 +217,11 @@ void run(const FusedLayer& f, int team) {
     // reader ~16 KB a step in cross-core transfers).
     float* const xt = scratch(kInput, I * kLd, true);
     // Their bf16 pairs (bf16 products), this thread's own.
-    auto* const xp = pairs ? reinterpret_cast<uint32_t*>(scratch(kInputRow, I2 * kLd, true)) : nullptr;
-    auto* const hp = pairs ? reinterpret_cast<uint32_t*>(scratch(kState, H2 * kLd, true)) : nullptr;
+    auto pair_scratch = [&](ScratchUse use, int64_t n) {
+      return pairs ? reinterpret_cast<uint32_t*>(scratch(use, n, true)) : nullptr;
+    };
+    uint32_t* const xp = pair_scratch(kInputRow, I2 * kLd);
+    uint32_t* const hp = pair_scratch(kState, H2 * kLd);
     if (sl.units > 0 && (!xt || (pairs && (!xp || !hp)) || !pack(f, G, sl, pairs))) {
       // Out of memory: this thread only keeps the barriers' count; run throws after the region.
       out_of_memory.store(true);

@@ -125,7 +125,8 @@ void project_rows(const RowPtr& row_ptr, int64_t I, const float* xt, float* c, i
       acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     }
     for (int64_t k = 0; k < I; ++k) {
-      const __m512 x0 = _mm512_loadu_ps(xt + k * kLanes), x1 = _mm512_loadu_ps(xt + k * kLanes + kL);
+      const __m512 x0 = _mm512_loadu_ps(xt + k * kLanes);
+      const __m512 x1 = _mm512_loadu_ps(xt + k * kLanes + kL);
       for (int i = 0; i < kRows; ++i) {
         const __m512 w = _mm512_set1_ps(a[i][k]);
         acc[i][0] = _mm512_fmadd_ps(w, x0, acc[i][0]);
@@ -245,7 +246,8 @@ void run_small(const FusedLayer& f, int threads) {
       sl.hsum = scratch(kSums, B * R, false);
       sl.h = scratch(kState, B * hp, true);
       sl.c = lstm ? scratch(kCell, B * U, false) : nullptr;
-      if (!sl.bias || !sl.proj || !sl.lanes || !sl.xt || !sl.x || !sl.hsum || !sl.h || (lstm && !sl.c)) {
+      if (!sl.bias || !sl.proj || !sl.lanes || !sl.xt || !sl.x || !sl.hsum || !sl.h ||
+          (lstm && !sl.c)) {
         out_of_memory.store(true);  // reported after the region; the others must not wait
         sl.U = 0;
       }

@@ -96,8 +96,8 @@ void small_gemm_gates_f32(int G, int64_t M, int64_t N, int64_t K, const float* A
 // One fp32 layer's whole forward (no LSTM projection) in one thread team, the input projection
 // inside the time loop (csrc/cpu/fused_layer.cpp; on the AMX tile unit where the CPU has it,
 // csrc/cpu/fused_layer_tiles.cpp): the CPU's path for batches of kFusedMinBatch..32 rows
-// (kTilesMinBatch..32 with the tile unit) on AVX-512 builds. Pointers are contiguous row-major
-// fp32.
+// (kTilesMinBatch..32 with the tile unit), and of 1..kFusedSmallBatch rows (csrc/cpu/
+// fused_small.cpp) on AVX-512 builds. Pointers are contiguous row-major fp32.
 struct FusedLayer {
   enum Kind { kLstm, kGru, kRnnTanh, kRnnRelu };
   Kind kind = kLstm;
@@ -121,7 +121,8 @@ struct FusedLayer {
   float* ws = nullptr;                               // [T, B, 4H] (LSTM, GRU)
   // A bfloat16 layer: x, h0, c0, the weights and biases are fp32 copies of bf16 tensors, and the
   // GEMMs take bf16 products, h rounded to bf16 as the next step's operand; the states and the
-  // gate math stay fp32 (on the AMX tile unit, or on bf16 pairs with AVX512_BF16: fused_layer_fits).
+  // gate math stay fp32 (on the AMX tile unit, or on bf16 pairs with AVX512_BF16:
+  // fused_layer_fits).
   bool bf16_products = false;
 };
 // The smallest batch it takes: below, the 32-lane register block computes mostly padding (B = 20,
@@ -137,8 +138,8 @@ constexpr int64_t kTilesMinBatch = 12;
 // projection computed by each thread for its own units while the others finish a step.
 constexpr int64_t kFusedSmallBatch = 2;
 // Whether fused_layer_forward takes a batch of B rows here (an AVX-512 build, not inside a
-// parallel region; bf16: a bfloat16 layer, on the tile unit or with AVX512_BF16); the caller's other conditions
-// are the caller's to check.
+// parallel region; bf16: a bfloat16 layer, on the tile unit or with AVX512_BF16); the caller's
+// other conditions are the caller's to check.
 bool fused_layer_fits(int64_t B, bool bf16);
 // T >= 1, B >= 1.
 void fused_layer_forward(const FusedLayer& f);
