@@ -121,7 +121,7 @@ def make_args(kind, T, B, I, H, dtype, bias=True, seed=0):
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
     x, h0 = rnd(T, B, I), rnd(B, P, scale=0.5)
-    w_ih, w_hh = rnd(G * H, I, scale=I ** -0.5), rnd(G * H, P, scale=P ** -0.5)
+    w_ih, w_hh = rnd(G * H, I, scale=max(I, 1) ** -0.5), rnd(G * H, P, scale=max(P, 1) ** -0.5)
     b_ih, b_hh = (rnd(G * H, scale=0.1), rnd(G * H, scale=0.1)) if bias else (None, None)
     if kind.startswith("lstm"):
         w_hr = rnd(P, H, scale=H ** -0.5) if proj else None
@@ -244,6 +244,25 @@ def test_fused_layer_biases_and_threads(kind, bias, threads, B):
         assert_close_rule(o, t, r, torch.float32, f"{what} output {k}")
     for k, (gr, t, r) in enumerate(zip(grads, t_grads, ref_grads)):
         assert_close_rule(gr, t, r, torch.float32, f"{what} grad of argument {k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("I,H", [(0, 5), (4, 0), (0, 0), (0, 40)])
+@pytest.mark.parametrize("B", [1, 2, 26])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_fused_layer_empty_widths(kind, B, I, H, dtype):
+    """No input features or no hidden units, in the fused forwards' batch sizes (B = 1, 2: csrc/
+    cpu/fused_small.cpp; 26: fused_layer.cpp): the reference's outputs (the bias alone drives the
+    states when I = 0), no crash (H = 0 once divided by zero splitting the units)."""
+    args = make_args(kind, 3, B, I, H, dtype, seed=4)
+    with pyseqk.use_backend("cpu"), torch.no_grad():
+        ours = layer_fn(kind)(*args)
+    with pyseqk.use_backend("reference"), torch.no_grad():
+        ref = layer_fn(kind)(*args)
+    for k, (a, r) in enumerate(zip(ours, ref)):
+        assert a.shape == r.shape, f"{kind} output {k}: {a.shape} against {r.shape}"
+        torch.testing.assert_close(a.float(), r.float(), rtol=2e-2, atol=2e-2,
+                                   msg=lambda m: f"{kind} B={B} I={I} H={H} output {k}: {m}")
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])

@@ -318,6 +318,7 @@ void run(const FusedLayer& f, int team) {
 }  // namespace
 
 void fused_layer_forward(const FusedLayer& f) {
+  if (f.H == 0) return;  // every output and workspace is empty
   const int threads = std::max(1, at::get_num_threads());
   if (f.B <= kFusedSmallBatch && !f.bf16_products) return run_small(f, threads);
   if (amx::enabled() && run_tiles(f, threads)) return;

@@ -3,6 +3,7 @@
 // hidden units and the per-thread scratch kept across calls.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -122,8 +123,8 @@ inline void release_large_scratch(bool shared) {
 // parallel region (that terminates the process); the forward reports it after the region.
 inline float* scratch(ScratchUse use, int64_t n, bool zero) {
   ScratchSlot& slot = scratch_slots[use];
-  if (slot.capacity < n) {
-    const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
+  if (slot.capacity < n || !slot.p) {  // (n = 0, an empty input: still a pointer, not "failed")
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float) + 63) / 64 * 64;
     slot.p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
     slot.capacity = slot.p ? n : 0;
     if (!slot.p) return nullptr;
