@@ -114,13 +114,11 @@ bool pack(const FusedLayer& f, int G, Slice& sl, bool pairs) {
         src_hh[i] = f.w_hh + r * H;
       }
       if (pairs) {
-#if defined(CPU_CAPABILITY_AVX512)
         uint32_t* block = reinterpret_cast<uint32_t*>(sl.w) + b0 * K2;
         for (int64_t p = 0; p < I2; ++p)
           for (int64_t i = 0; i < rows; ++i) *block++ = bf16_pair(src_ih[i], 2 * p, I);
         for (int64_t p = 0; p < K2 - I2; ++p)
           for (int64_t i = 0; i < rows; ++i) *block++ = bf16_pair(src_hh[i], 2 * p, H);
-#endif
         continue;
       }
       float* block = sl.w + b0 * K;  // written in order: k-major, a row's floats i apart
@@ -322,8 +320,8 @@ void fused_layer_forward(const FusedLayer& f) {
   const int threads = std::max(1, at::get_num_threads());
   if (f.B <= kFusedSmallBatch && !f.bf16_products) return run_small(f, threads);
   if (amx::enabled() && run_tiles(f, threads)) return;
-  // (A bf16 layer whose values did not split, inf or NaN, lands here too: fp32 products of its
-  // fp32 copies, h unrounded.)
+  // (A bf16 layer whose values did not split, inf or NaN, lands here too: on bf16 pairs, as
+  // every CPU with the tile unit has AVX512_BF16.)
   run(f, team_size(f.H, unit_chunk(f.H, threads)));
 }
 #else

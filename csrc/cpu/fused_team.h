@@ -93,7 +93,7 @@ inline V gate_math(const Pre& pre, const Save& save, const V& h_prev, V& c) {
 // the calling thread's buffers that the whole team reads.
 enum ScratchUse {
   kWeights, kWeightsT, kBias, kSums, kCell, kState, kInput, kInputRow,  // each thread's own
-  kShared, kSharedPieces, kInputPieces,                      // shared
+  kShared, kSharedPieces, kInputPieces,                                 // shared
   kScratchUses
 };
 constexpr int64_t kKeptScratchBytes = int64_t(4) << 20;
@@ -124,7 +124,8 @@ inline void release_large_scratch(bool shared) {
 inline float* scratch(ScratchUse use, int64_t n, bool zero) {
   ScratchSlot& slot = scratch_slots[use];
   if (slot.capacity < n || !slot.p) {  // (n = 0, an empty input: still a pointer, not "failed")
-    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float) + 63) / 64 * 64;
+    const size_t elems = static_cast<size_t>(std::max<int64_t>(n, 1));
+    const size_t bytes = (elems * sizeof(float) + 63) / 64 * 64;
     slot.p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
     slot.capacity = slot.p ? n : 0;
     if (!slot.p) return nullptr;
